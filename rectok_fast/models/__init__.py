@@ -1,0 +1,1 @@
+"""Models of rectok_fast: tokenizer, semantic decoders, teacher, DiT^DH, discriminator, perceptual nets."""
