@@ -1,0 +1,61 @@
+"""Summarize a pytest-benchmark JSON file: p20/p50/p80 per benchmark, fraction of the copy bandwidth
+and of the bf16 matmul rate measured in the same run, and speed-up of the fused path over the eager
+and compiled baselines within each benchmark group.
+
+    python benchmarks/summarize.py benchmarks/results/<run>/benchmarks.json > summary.md
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+IMPLS = ("fused", "compiled", "eager", "reference")
+
+
+def _impl(b: dict) -> str:
+    info = b.get("extra_info") or {}
+    if info.get("impl"):
+        return str(info["impl"])
+    name = b.get("name", "").lower()
+    for key in ("fused", "compiled", "eager", "reference", "cpp", "triton", "torch"):
+        if key in name:
+            return key
+    return "?"
+
+
+def _pct(data: list[float], q: float) -> float:
+    s = sorted(data)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def summarize(path: str) -> str:
+    doc = json.load(open(path))
+    cal = doc.get("rectok_fast_calibration", {})
+    lines = [f"# Benchmarks: {cal.get('device', '?')} (torch {cal.get('torch')}, triton {cal.get('triton')})", ""]
+    if cal:
+        lines.append(f"copy bandwidth {cal.get('copy_bytes_per_s', 0) / 1e9:.0f} GB/s, "
+                     f"bf16 matmul {cal.get('bf16_matmul_flops_per_s', 0) / 1e12:.0f} TFLOP/s (measured in this run)")
+        lines.append("")
+    lines.append("| group | benchmark | impl | p20 ms | p50 ms | p80 ms | of copy | of bf16 mm | speed-up vs eager | vs compiled |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    groups: dict[str, list[dict]] = {}
+    for b in doc.get("benchmarks", []):
+        groups.setdefault(b.get("group") or "", []).append(b)
+    for g, items in groups.items():
+        med = {}
+        for b in items:
+            med.setdefault(_impl(b), b["stats"]["median"])
+        for b in items:
+            st, info, impl = b["stats"], b.get("extra_info") or {}, _impl(b)
+            data = st.get("data") or [st["median"]]
+            p20, p50, p80 = (_pct(data, q) * 1e3 for q in (0.2, 0.5, 0.8))
+            frac_c = f"{info['fraction_of_copy']:.0%}" if "fraction_of_copy" in info else ""
+            frac_m = f"{info['fraction_of_bf16_matmul']:.0%}" if "fraction_of_bf16_matmul" in info else ""
+            vs_e = f"{med['eager'] / st['median']:.2f}x" if "eager" in med and impl != "eager" else ""
+            vs_c = f"{med['compiled'] / st['median']:.2f}x" if "compiled" in med and impl != "compiled" else ""
+            lines.append(f"| {g} | {b['name']} | {impl} | {p20:.3f} | {p50:.3f} | {p80:.3f} | {frac_c} | {frac_m} | {vs_e} | {vs_c} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summarize(sys.argv[1]))

@@ -1,0 +1,33 @@
+"""Test-wide settings. The Triton interpreter and offline hub must be on before triton/timm import;
+the README's test command exports them, and these defaults cover a bare `pytest` call."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RECTOK_FAST_QUIET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def test_device() -> torch.device:
+    """CPU by default; RECTOK_TEST_DEVICE=cuda (the GPU suite) runs the kernel tests on the GPU."""
+    want = os.environ.get("RECTOK_TEST_DEVICE", "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        pytest.skip("RECTOK_TEST_DEVICE=cuda but no GPU is visible")
+    return torch.device(want)
+
+
+@pytest.fixture
+def device():
+    return test_device()
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    """Fresh seed per test; every test starts (and ends) on the default backend."""
+    from rectok_fast import ops
+    torch.manual_seed(1234)
+    previous = ops.get_backend()
+    yield
+    ops.set_backend(previous)

@@ -1,0 +1,71 @@
+"""The one backend switch: names, environment variable, explicit-request errors, auto choices."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rectok_fast import ops
+from rectok_fast.ops import backend
+
+
+def test_unknown_backend_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="auto.*reference.*fused"):
+        ops.set_backend("fast-please")
+
+
+def test_use_backend_restores_previous():
+    ops.set_backend("reference")
+    with ops.use_backend("fused"):
+        assert ops.get_backend() == "fused"
+    assert ops.get_backend() == "reference"
+
+
+def test_reference_backend_never_picks_a_fast_path():
+    with ops.use_backend("reference"):
+        for op in ("flow_interpolate", "posterior_flow_noise", "cosine_distill_loss", "adaln_modulate", "gated_residual"):
+            assert ops.implementation_for(op, "cpu") == "reference"
+
+
+def test_auto_uses_reference_for_triton_ops_on_cpu():
+    with ops.use_backend("auto"):
+        assert ops.implementation_for("flow_interpolate", "cpu") == "reference"
+        assert ops.implementation_for("cosine_distill_loss", "cpu") == "reference"
+
+
+def test_auto_announces_its_choice_once(capsys, monkeypatch):
+    monkeypatch.setenv("RECTOK_FAST_QUIET", "0")
+    with ops.use_backend("auto"):
+        x = torch.randn(2, 3, 4)
+        ops.flow_interpolate(x, torch.randn_like(x), torch.rand(2))
+        ops.flow_interpolate(x, torch.randn_like(x), torch.rand(2))
+    err = capsys.readouterr().err
+    assert err.count("flow_interpolate: using the reference implementation") == 1
+
+
+def test_env_var_selects_backend_and_rejects_garbage():
+    code = "from rectok_fast import ops; print(ops.get_backend())"
+    env = dict(os.environ, RECTOK_FAST_IMPL="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+    env["RECTOK_FAST_IMPL"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown rectok_fast backend 'bogus'" in bad.stderr
+
+
+def test_fused_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ops.use_backend("fused"):
+        with pytest.raises(backend.BackendUnavailable, match="TRITON_INTERPRET=1"):
+            ops.implementation_for("cosine_distill_loss", "cpu")
+
+
+def test_fused_extension_missing_is_a_clear_error(monkeypatch):
+    from rectok_fast.ops import adaln_ext
+    monkeypatch.setattr(adaln_ext, "load_error", lambda: "rectok_fast._C is not built (test)")
+    with ops.use_backend("fused"):
+        with pytest.raises(backend.BackendUnavailable, match="not built"):
+            ops.implementation_for("adaln_modulate", "cpu")
+    with ops.use_backend("auto"):
+        assert ops.implementation_for("adaln_modulate", "cpu") == "reference"
