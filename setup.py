@@ -36,7 +36,8 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the C++ standard its headers need (C++20 for torch 2.14).
+    cxx = ["-O3"]
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     want_cuda = (bool(cu) and not _flag("RECTOK_FAST_SKIP_CUDA") and torch.version.cuda is not None
                  and CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
@@ -48,7 +49,7 @@ def _extensions():
             "rectok_fast._C", cpp + cu, include_dirs=inc,
             define_macros=[("RECTOK_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx + ["-fopenmp"],
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                                          "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                                          "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__"]},
             extra_link_args=["-fopenmp"])

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rectok_fast import ops
+from rectok_fast.models.layers import SwiGLU
 
 
 
@@ -173,18 +174,12 @@ class RMSNorm(nn.Module):
         return ops.reference.rms_norm_fp32(x, self.eps) * self.weight
 
 
-class SwiGLU(nn.Module):
-    """w3(silu(a) * b) with [a | b] = w12(x); hidden = 2/3 of the MLP width (int), biases on."""
+def dit_mlp_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
+    """SwiGLU hidden width: 2/3 of the MLP width, truncated (1152 -> 3072, 2048 -> 5461, 384 -> 1024).
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        hidden = int(2 * int(dim * mlp_ratio) / 3)
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+    Integer-first so float rounding cannot drop a unit (2/3 * 4 * 1152 is not exact in binary).
+    """
+    return (2 * int(dim * mlp_ratio)) // 3
 
 
 class Attention(nn.Module):
@@ -218,7 +213,7 @@ class DDTBlock(nn.Module):
         self.norm1 = RMSNorm(dim, eps)
         self.attn = Attention(dim, num_heads)
         self.norm2 = RMSNorm(dim, eps)
-        self.mlp = SwiGLU(dim, mlp_ratio)
+        self.mlp = SwiGLU(dim, dit_mlp_hidden(dim, mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: RotaryEmbedding2D) -> torch.Tensor:

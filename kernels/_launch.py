@@ -1,0 +1,80 @@
+"""Launch helpers shared by the Triton kernels in this package (not a public API).
+
+* :func:`alloc` is the single place where the launchers allocate what a kernel writes. Tests set
+  :data:`POISON` to fill every such buffer with NaN (or -1 for integers) first, so an element a
+  kernel forgot to write shows up instead of passing by luck.
+* :func:`check_tensor` gives the clear input errors the ops promise (device, dtype, rank).
+* :func:`interpreted` tells a launcher that kernels run in the Triton interpreter (CPU tensors,
+  ``TRITON_INTERPRET=1``); there fp32 -> bf16 casts truncate instead of rounding to nearest even,
+  so kernels take a ``ROUND_BF16`` constexpr that rounds in integer arithmetic first (see
+  :func:`round_to_bf16`). On a GPU the native cast already rounds to nearest even.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+POISON = False                     # tests flip this to catch unwritten outputs
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; NaN / -1 filled when :data:`POISON` is set."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
+def check_tensor(op: str, name: str, t, *, dim: int | None = None, dtypes=FLOAT_DTYPES,
+                 device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{op}: {name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
+
+
+def needs_bf16_rounding(*dtypes: torch.dtype) -> bool:
+    """True when the interpreter would truncate a cast to one of ``dtypes`` (bf16 only: numpy rounds fp16)."""
+    return interpreted() and any(d == torch.bfloat16 for d in dtypes)
+
+
+def num_warps_for(elements_per_program: int) -> int:
+    if elements_per_program >= 8192:
+        return 8
+    if elements_per_program >= 2048:
+        return 4
+    return 2 if elements_per_program >= 512 else 1
+
+
+@triton.jit
+def round_to_bf16(v):
+    """Round fp32 ``v`` to the nearest bf16 value (ties to even), still held in fp32.
+
+    Used only in the interpreter (its casts truncate). NaN and inf stay NaN and inf; finite values
+    near the bf16 maximum round to inf exactly as a real cast does.
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    bits = bits & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_cast(ptr, v, mask, ROUND: tl.constexpr):
+    """Store fp32 ``v`` into ``ptr``'s dtype (rounding to nearest even in the interpreter if ROUND)."""
+    if ROUND:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            v = round_to_bf16(v)
+    tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)

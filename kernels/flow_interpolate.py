@@ -1,0 +1,175 @@
+"""Fused flow interpolation ``(1 - t) * x + t * noise`` (+ optional velocity ``noise - x``).
+
+Same function as :func:`rectok_fast.ops.reference.flow_interpolate`: one weight ``t`` per sample
+(treated as data, no gradient), math in fp32, results in ``x.dtype``; gradients go to ``x`` (in
+``x.dtype``) and ``noise`` (in ``noise.dtype``).
+
+Layout: the inputs are viewed as (B, S) with S = numel / B. Each program handles BLOCK contiguous
+elements of one sample, so ``t[b]`` is one scalar load per program and the loads along S are
+vectorized. Forward reads x, noise and writes out (and v); backward reads the output gradients
+and writes both input gradients in one pass.
+
+Registered as ``rectok_fast::flow_interpolate_fwd`` / ``rectok_fast::flow_interpolate_bwd``
+(torch.library custom ops with fake kernels and autograd), so ``torch.compile`` traces through it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rectok_fast.kernels._launch import alloc, check_tensor, needs_bf16_rounding, num_warps_for, store_cast
+
+_OP = "flow_interpolate"
+
+
+@triton.jit
+def _flow_fwd_kernel(x_ptr, n_ptr, t_ptr, out_ptr, v_ptr, S, nblk,
+                     BLOCK: tl.constexpr, WITH_V: tl.constexpr, ROUND: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // nblk
+    offs = (pid - b * nblk) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < S
+    base = b.to(tl.int64) * S
+    t = tl.load(t_ptr + b)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    n = tl.load(n_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    store_cast(out_ptr + base + offs, (1.0 - t) * x + t * n, mask, ROUND)
+    if WITH_V:
+        store_cast(v_ptr + base + offs, n - x, mask, ROUND)
+
+
+@triton.jit
+def _flow_bwd_kernel(go_ptr, gv_ptr, t_ptr, gx_ptr, gn_ptr, S, nblk,
+                     BLOCK: tl.constexpr, WITH_V: tl.constexpr, NEED_X: tl.constexpr,
+                     NEED_N: tl.constexpr, ROUND: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // nblk
+    offs = (pid - b * nblk) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < S
+    base = b.to(tl.int64) * S
+    t = tl.load(t_ptr + b)
+    go = tl.load(go_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if WITH_V:
+        gv = tl.load(gv_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if NEED_X:
+            store_cast(gx_ptr + base + offs, (1.0 - t) * go - gv, mask, ROUND)
+        if NEED_N:
+            store_cast(gn_ptr + base + offs, t * go + gv, mask, ROUND)
+    else:
+        if NEED_X:
+            store_cast(gx_ptr + base + offs, (1.0 - t) * go, mask, ROUND)
+        if NEED_N:
+            store_cast(gn_ptr + base + offs, t * go, mask, ROUND)
+
+
+def _settings(S: int):
+    block = min(4096, triton.next_power_of_2(max(S, 1)))
+    return block, num_warps_for(block)
+
+
+def _empty0(device):
+    return torch.empty(0, dtype=torch.float32, device=device)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+def flow_fwd(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, with_velocity: bool):
+    """x, noise (B, ...) same shape; t (B,) fp32. Returns (out, v) in x.dtype; v is empty without velocity."""
+    x, noise, t = x.contiguous(), noise.contiguous(), t.contiguous()
+    B = x.shape[0]
+    S = x.numel() // B if B else 0
+    out = alloc(x.shape, x.dtype, x.device)
+    v = alloc(x.shape, x.dtype, x.device) if with_velocity else _empty0(x.device)
+    if x.numel() == 0:
+        return out, v
+    block, warps = _settings(S)
+    nblk = triton.cdiv(S, block)
+    _flow_fwd_kernel[(B * nblk,)](x, noise, t, out, v if with_velocity else out, S, nblk,
+                                  BLOCK=block, WITH_V=with_velocity, ROUND=needs_bf16_rounding(x.dtype),
+                                  num_warps=warps)
+    return out, v
+
+
+def flow_bwd(g_out: torch.Tensor, g_v: torch.Tensor, t: torch.Tensor, with_velocity: bool,
+             x_dtype: torch.dtype, noise_dtype: torch.dtype, need_x: bool, need_noise: bool):
+    """Gradients (grad_x in x_dtype, grad_noise in noise_dtype); an empty tensor for one not needed."""
+    g_out, t = g_out.contiguous(), t.contiguous()
+    g_v = g_v.contiguous() if with_velocity else g_out
+    dev = g_out.device
+    gx = alloc(g_out.shape, x_dtype, dev) if need_x else _empty0(dev)
+    gn = alloc(g_out.shape, noise_dtype, dev) if need_noise else _empty0(dev)
+    B = g_out.shape[0]
+    if g_out.numel() == 0 or not (need_x or need_noise):
+        return gx, gn
+    S = g_out.numel() // B
+    block, warps = _settings(S)
+    nblk = triton.cdiv(S, block)
+    _flow_bwd_kernel[(B * nblk,)](g_out, g_v, t, gx if need_x else gn, gn if need_noise else gx, S, nblk,
+                                  BLOCK=block, WITH_V=with_velocity, NEED_X=need_x, NEED_N=need_noise,
+                                  ROUND=needs_bf16_rounding(x_dtype, noise_dtype), num_warps=warps)
+    return gx, gn
+
+
+# ------------------------------------------------------------------------------- custom ops + autograd
+@torch.library.custom_op("rectok_fast::flow_interpolate_fwd", mutates_args=())
+def _flow_fwd_op(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                 with_velocity: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return flow_fwd(x, noise, t, with_velocity)
+
+
+@_flow_fwd_op.register_fake
+def _(x, noise, t, with_velocity):
+    v = x.new_empty(x.shape) if with_velocity else x.new_empty(0, dtype=torch.float32)
+    return x.new_empty(x.shape), v
+
+
+@torch.library.custom_op("rectok_fast::flow_interpolate_bwd", mutates_args=())
+def _flow_bwd_op(g_out: torch.Tensor, g_v: torch.Tensor, t: torch.Tensor, with_velocity: bool,
+                 x_dtype: torch.dtype, noise_dtype: torch.dtype, need_x: bool,
+                 need_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return flow_bwd(g_out, g_v, t, with_velocity, x_dtype, noise_dtype, need_x, need_noise)
+
+
+@_flow_bwd_op.register_fake
+def _(g_out, g_v, t, with_velocity, x_dtype, noise_dtype, need_x, need_noise):
+    gx = g_out.new_empty(g_out.shape, dtype=x_dtype) if need_x else g_out.new_empty(0, dtype=torch.float32)
+    gn = g_out.new_empty(g_out.shape, dtype=noise_dtype) if need_noise else g_out.new_empty(0, dtype=torch.float32)
+    return gx, gn
+
+
+def _setup(ctx, inputs, output):
+    x, noise, t, with_velocity = inputs
+    ctx.save_for_backward(t)
+    ctx.with_velocity = with_velocity
+    ctx.x_dtype, ctx.noise_dtype = x.dtype, noise.dtype
+
+
+def _backward(ctx, g_out, g_v):
+    (t,) = ctx.saved_tensors
+    need_x, need_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gn = torch.ops.rectok_fast.flow_interpolate_bwd(g_out, g_v, t, ctx.with_velocity, ctx.x_dtype,
+                                                        ctx.noise_dtype, need_x, need_noise)
+    return (gx if need_x else None), (gn if need_noise else None), None, None
+
+
+torch.library.register_autograd("rectok_fast::flow_interpolate_fwd", _backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------------------------------ public
+def flow_interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, return_velocity: bool = False):
+    """Fused :func:`rectok_fast.ops.reference.flow_interpolate` (same signature and results)."""
+    check_tensor(_OP, "x", x)
+    check_tensor(_OP, "noise", noise, device=x.device)
+    check_tensor(_OP, "t", t, dtypes=None, device=x.device)
+    if x.dim() < 1:
+        raise ValueError(f"{_OP}: x must have a leading batch dimension, got a 0-d tensor")
+    if x.shape != noise.shape:
+        raise ValueError(f"{_OP}: x {tuple(x.shape)} and noise {tuple(noise.shape)} differ in shape")
+    b = x.shape[0]
+    if t.numel() != b:
+        raise ValueError(f"{_OP}: t must hold one value per sample: expected {b} values, got shape {tuple(t.shape)}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{_OP}: t must be a real tensor, got {t.dtype}")
+    tt = t.detach().reshape(b).to(torch.float32)
+    out, v = torch.ops.rectok_fast.flow_interpolate_fwd(x, noise, tt, bool(return_velocity))
+    return (out, v) if return_velocity else out

@@ -1,0 +1,153 @@
+"""Triton posterior_flow_noise (kernels/posterior_flow.py) against the reference and an fp64 oracle.
+
+Covers z, z_tau, the per-sample KL and every gradient (moments through mean and the clamped logvar,
+eps_post, eps_flow), fp32 and bf16, odd sizes, distinct per-sample tau, logvar values on and beyond
+the clamp bounds, and non-contiguous inputs. Launcher outputs start as NaN (poison_outputs).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rectok_fast.kernels.posterior_flow as post_mod
+from _kernel_checks import as64, check, grads, kernel_device, leaf, poison_outputs  # noqa: F401
+from rectok_fast import ops
+from rectok_fast.kernels.posterior_flow import posterior_flow_noise as fused_post
+from rectok_fast.ops import reference
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _oracle(moments, e1, e2, tau, gamma):
+    c = moments.shape[-1] // 2
+    mean, logvar = moments[..., :c], moments[..., c:].clamp(-30.0, 20.0)
+    z = mean + torch.exp(0.5 * logvar) * e1
+    t = tau.detach().double().reshape(-1, 1, 1)
+    z_tau = (1 - t) * z + t * gamma * e2
+    kl = 0.5 * (mean ** 2 + torch.exp(logvar) - 1 - logvar).sum(dim=(1, 2))
+    return z, z_tau, kl
+
+
+def _moments(B, L, C, dtype, dev, clamp_cases=True):
+    m = torch.randn(B, L, 2 * C, device=dev)
+    m[..., C:] = m[..., C:] * 1.5 - 0.5               # logvar spread around 0
+    if clamp_cases and L >= 2 and C >= 2:             # on and beyond both clamp bounds
+        m[0, 0, C] = -30.0
+        m[0, 0, C + 1] = 20.0
+        m[-1, 1, C] = -31.5
+        m[-1, 1, C + 1] = 21.0
+    return m.to(dtype)
+
+
+def _run_case(moments, e1, e2, tau, gamma, via="direct", seed_mask=(True, True, True)):
+    dtype = moments.dtype
+    if via == "direct":
+        fused = fused_post(moments, e1, e2, tau, gamma)
+    else:
+        with ops.use_backend("fused"):
+            fused = ops.posterior_flow_noise(moments, e1, e2, tau, gamma)
+    ref = reference.posterior_flow_noise(moments, e1, e2, tau, gamma)
+    m64, e164, e264 = as64([moments, e1, e2])
+    ora = _oracle(m64, e164, e264, tau, gamma)
+    for name, a, b, c in zip(("z", "z_tau", "kl"), fused, ref, ora):
+        assert a.dtype == torch.float32
+        check(name, a, b, c, dtype, atol_rel=1e-6)
+    assert not torch.equal(fused[1][0], fused[1][1]), "distinct tau must give distinct z_tau"
+    seeds = [torch.randn(o.shape, device=o.device) if keep else None for o, keep in zip(ref, seed_mask)]
+    inputs = [moments, e1, e2]
+    gf, gr, go = grads(fused, inputs, seeds), grads(ref, inputs, seeds), grads(ora, [m64, e164, e264], seeds)
+    for name, a, b, c, inp in zip(("grad_moments", "grad_eps_post", "grad_eps_flow"), gf, gr, go, inputs):
+        if a is not None:
+            assert a.dtype == inp.dtype
+        check(name, a, b, c, inp.dtype)
+    return gf
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 19, 33), (2, 3, 1030)])
+@pytest.mark.parametrize("via", ["direct", "ops"])
+def test_forward_and_grads(device, dtype, shape, via):
+    dev = kernel_device(device)
+    B, L, C = shape
+    moments = leaf(_moments(B, L, C, dtype, dev))
+    e1 = leaf(torch.randn(B, L, C, device=dev).to(dtype))
+    e2 = leaf(torch.randn(B, L, C, device=dev).to(dtype))
+    tau = torch.tensor([0.74, 0.2, 0.5][:B], device=dev)
+    _run_case(moments, e1, e2, tau, 0.7 if via == "direct" else 1.0, via)
+
+
+def test_clamp_gradient_matches_torch_clamp(device):
+    """Zero logvar gradient on and beyond the clamp bounds (torch.clamp passes none there), nonzero inside."""
+    dev = kernel_device(device)
+    B, L, C = 2, 3, 4
+    moments = _moments(B, L, C, torch.float32, dev)
+    moments[1, 2, C + 2] = -29.0                      # inside, far from zero variance
+    moments = leaf(moments)
+    e1, e2 = torch.randn(B, L, C, device=dev), torch.randn(B, L, C, device=dev)
+    gm = _run_case(moments, e1, e2, torch.tensor([0.3, 0.9], device=dev), 1.0)[0]
+    assert gm[0, 0, C] == 0 and gm[0, 0, C + 1] == 0 and gm[-1, 1, C] == 0 and gm[-1, 1, C + 1] == 0
+    assert gm[1, 2, C + 2] != 0 and (gm[..., :C] != 0).all()
+
+
+@pytest.mark.parametrize("seed_mask", [(True, False, False), (False, True, False), (False, False, True)])
+def test_each_output_gradient_alone(device, seed_mask):
+    dev = kernel_device(device)
+    B, L, C = 2, 5, 6
+    moments = leaf(_moments(B, L, C, torch.float32, dev))
+    e1, e2 = leaf(torch.randn(B, L, C, device=dev)), leaf(torch.randn(B, L, C, device=dev))
+    _run_case(moments, e1, e2, torch.tensor([0.6, 0.1], device=dev), 1.3, seed_mask=seed_mask)
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+def test_partial_input_grads(device, need):
+    dev = kernel_device(device)
+    B, L, C = 2, 4, 3
+    moments = leaf(_moments(B, L, C, torch.bfloat16, dev), need[0])
+    e1 = leaf(torch.randn(B, L, C, device=dev), need[1])                  # eps in fp32 with bf16 moments
+    e2 = leaf(torch.randn(B, L, C, device=dev).bfloat16(), need[2])
+    _run_case(moments, e1, e2, torch.tensor([0.45, 0.95], device=dev), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous(device, dtype):
+    dev = kernel_device(device)
+    B, L, C = 3, 6, 5
+    big = leaf(torch.randn(B, 2 * C + 3, L, device=dev).to(dtype))
+    moments = big.transpose(1, 2)[..., 1:2 * C + 1]                       # (B, L, 2C), strided
+    e1 = leaf(torch.randn(L, B, C, device=dev).to(dtype)).transpose(0, 1)
+    e2 = leaf(torch.randn(B, L, 2 * C, device=dev).to(dtype))[..., ::2]
+    tau = torch.rand(B, 3, device=dev)[:, 2]
+    assert not (moments.is_contiguous() or e1.is_contiguous() or e2.is_contiguous() or tau.is_contiguous())
+    _run_case(moments, e1, e2, tau, 0.8)
+
+
+def test_multi_tile_kl_partials(device, monkeypatch):
+    """Several L- and C-tiles per sample: the KL partial sums must all be written and added."""
+    dev = kernel_device(device)
+    monkeypatch.setattr(post_mod, "_settings", lambda L, C: (2, 4, 1))
+    B, L, C = 2, 7, 9
+    moments = leaf(_moments(B, L, C, torch.float32, dev))
+    e1, e2 = leaf(torch.randn(B, L, C, device=dev)), leaf(torch.randn(B, L, C, device=dev))
+    _run_case(moments, e1, e2, torch.tensor([0.35, 0.85], device=dev), 1.0)
+
+
+def test_tau_gets_no_gradient(device):
+    dev = kernel_device(device)
+    moments = leaf(_moments(2, 3, 4, torch.float32, dev))
+    tau = torch.tensor([0.2, 0.7], device=dev, requires_grad=True)
+    z, zt, kl = fused_post(moments, torch.randn(2, 3, 4, device=dev), torch.randn(2, 3, 4, device=dev), tau)
+    (zt.sum() + kl.sum()).backward()
+    assert tau.grad is None and moments.grad is not None
+
+
+def test_input_errors(device):
+    dev = kernel_device(device)
+    e = torch.randn(2, 3, 4, device=dev)
+    with pytest.raises(ValueError, match=r"\(B, L, 2C\)"):
+        fused_post(torch.randn(2, 3, 7, device=dev), e, e, torch.rand(2, device=dev))
+    with pytest.raises(ValueError, match="eps_flow must be"):
+        fused_post(torch.randn(2, 3, 8, device=dev), e, e[:, :2], torch.rand(2, device=dev))
+    with pytest.raises(ValueError, match="one value per sample"):
+        fused_post(torch.randn(2, 3, 8, device=dev), e, e, torch.rand(3, device=dev))
+    with pytest.raises(TypeError, match="dtype"):
+        fused_post(torch.randn(2, 3, 8, device=dev).int(), e, e, torch.rand(2, device=dev))
