@@ -21,10 +21,12 @@
 namespace rectok {
 
 // One row (one token) of D elements is handled by one thread block on CUDA; each thread keeps
-// kElemsPerThread(dtype) elements in registers (one 16-byte access per tensor when aligned).
-constexpr int kCudaMaxThreads = 1024;
+// cuda_elems_per_thread() = 8 elements of each tensor in registers (one 16-byte access for bf16, two
+// for fp32 when rows are aligned). Blocks have at most 512 threads so that the kernels may use up to
+// 128 registers without spilling: D <= 4096.
+constexpr int kCudaMaxThreads = 512;
 
-inline int cuda_elems_per_thread(at::ScalarType t) { return t == at::kFloat ? 4 : 8; }
+inline int cuda_elems_per_thread(at::ScalarType) { return 8; }
 
 inline int64_t cuda_max_dim(at::ScalarType t) { return int64_t(kCudaMaxThreads) * cuda_elems_per_thread(t); }
 

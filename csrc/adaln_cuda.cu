@@ -1,8 +1,8 @@
 // CUDA kernels of the modulated RMSNorm:
 //   out = (round_T(x * rstd) * weight) * (1 + scale) + shift,  rstd = rsqrt(mean(x^2) + eps)   (fp32 math)
 //
-// Design: one thread block per row (token) of D elements; each thread keeps P = 16 / sizeof(T)
-// elements in registers (one 16-byte load per tensor when rows are aligned, see cuda_utils.cuh), so
+// Design: one thread block per row (token) of D elements; each thread keeps P = 8 elements
+// in registers (16-byte loads per tensor when rows are aligned, see cuda_utils.cuh), so
 // x is read once and out written once; the row sum goes through a fixed-order block reduction.
 // Modulation rows are read through their batch/token strides (chunk views and stride-0 expanded
 // views are used as they are).
@@ -168,7 +168,7 @@ void adaln_fwd(const at::Tensor& x, const at::Tensor& weight, const ModView& shi
                    aligned_to(weight.data_ptr(), 16) && vec_ok(shift.ptr, msize, P, shift.sb, shift.sn) &&
                    vec_ok(scale.ptr, msize, P, scale.sb, scale.sn);
   if (T == at::kFloat) {
-    launch_fwd<float, float, 4>(vec, x, weight, shift, scale, eps, out, rstd);
+    launch_fwd<float, float, 8>(vec, x, weight, shift, scale, eps, out, rstd);
   } else if (mod_type == at::kBFloat16) {
     launch_fwd<bf16, bf16, 8>(vec, x, weight, shift, scale, eps, out, rstd);
   } else {
@@ -190,7 +190,7 @@ void adaln_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weig
                    (!shift_per_token || aligned_to(dshift.data_ptr(), 16)) &&
                    (!scale_per_token || aligned_to(dscale.data_ptr(), 16));
   if (T == at::kFloat) {
-    launch_bwd<float, float, 4>(vec, dy, x, weight, scale, rstd, shift_per_token, scale_per_token, dx, dweight,
+    launch_bwd<float, float, 8>(vec, dy, x, weight, scale, rstd, shift_per_token, scale_per_token, dx, dweight,
                                 dshift, dscale);
   } else if (mod_type == at::kBFloat16) {
     launch_bwd<bf16, bf16, 8>(vec, dy, x, weight, scale, rstd, shift_per_token, scale_per_token, dx, dweight,

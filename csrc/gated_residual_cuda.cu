@@ -1,6 +1,6 @@
 // CUDA kernels of the gated residual  out = x + gate * y  (fp32 math, result in x's dtype).
 //
-// Same row design as adaln_cuda.cu: one block per row, P = 16 / sizeof(T) elements per thread, the
+// Same row design as adaln_cuda.cu: one block per row, P = 8 elements per thread, the
 // gate read through its batch/token strides. Backward: dx = dout is returned by the Python side
 // without a kernel; this file computes dy = gate * dout and dgate = sum over tokens of dout * y
 // (per-sample gate: per-block fp32 partials summed in index order by a second kernel; deterministic).
@@ -100,9 +100,9 @@ void launch_bwd(bool vec, const at::Tensor& dout, const ModView& gate, const at:
 template <template <typename, typename, typename, int> class F, typename... Args>
 void dispatch(at::ScalarType t, at::ScalarType yt, at::ScalarType mt, Args&&... args) {
   if (t == at::kFloat && yt == at::kFloat) {
-    F<float, float, float, 4>::run(std::forward<Args>(args)...);
+    F<float, float, float, 8>::run(std::forward<Args>(args)...);
   } else if (t == at::kFloat) {
-    F<float, bf16, float, 4>::run(std::forward<Args>(args)...);
+    F<float, bf16, float, 8>::run(std::forward<Args>(args)...);
   } else if (mt == at::kBFloat16) {
     F<bf16, bf16, bf16, 8>::run(std::forward<Args>(args)...);
   } else {

@@ -67,7 +67,7 @@ def _post_fwd_kernel(m_ptr, e1_ptr, e2_ptr, tau_ptr, z_ptr, zt_ptr, klp_ptr, L, 
     zt = (1.0 - tau) * z + tau * (gamma * e2)
     tl.store(z_ptr + e_off, z, mask=mask)
     tl.store(zt_ptr + e_off, zt, mask=mask)
-    term = tl.where(mask, mean * mean + var - lv, 0.0)
+    term = tl.where(mask, mean * mean + var - 1.0 - lv, 0.0)
     tl.store(klp_ptr + pid, tl.sum(tl.sum(term, axis=1), axis=0))
 
 

@@ -25,9 +25,20 @@ class CheckpointError(RuntimeError):
 
 
 def safe_torch_load(path, map_location="cpu"):
-    """``torch.load(weights_only=True)``, turning an unsafe or corrupt file into a clear error."""
+    """``torch.load(weights_only=True)``, turning an unsafe or corrupt file into a clear error.
+
+    Files on disk are memory-mapped: an official DiT^DH-XL checkpoint with optimizer state is
+    several GB, and only the picked sub-dict is ever touched."""
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=isinstance(path, (str, os.PathLike)))
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (non-zip) files cannot be mapped: read them whole
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to load. The file needs arbitrary Python objects to unpickle, which "

@@ -9,6 +9,11 @@ Two time conventions live in this project; every name says which one it uses:
 
 The shifted schedules map a uniform ``u`` through ``s * u / (1 + (s - 1) * u)`` with
 ``s = sqrt(h * w * C / 4096)`` (the official code; the project page writes the inverse).
+
+Contents: tokenizer noise levels; the DiT transport (``sample_dit_time``, ``transport_path``,
+``dit_training_loss``); the Euler ODE sampler with CFG / AutoGuidance (``euler_time_grid``,
+``sample_latents``). Interpolation goes through :func:`rectok_fast.ops.flow_interpolate` so the fused
+kernel serves both conventions.
 """
 from __future__ import annotations
 
@@ -177,7 +182,7 @@ def sample_latents(model, labels: torch.Tensor, num_steps: int = 150, shift: flo
 
     num_steps counts grid POINTS as the official num_sampling_steps (150 -> 149 model evaluations).
     shift defaults to dit_time_shift of the model's latent shape. The starting noise comes from
-    ``generator`` (on the model's device) unless ``noise`` is given: same seed -> same output.
+    ``generator`` (drawn on its device) unless ``noise`` is given: same seed -> same output.
     autocast: bf16 autocast as the official sampler; default on for CUDA, off on CPU.
     Guidance at scale 1.0 equals no guidance, so it is skipped (saves the extra evaluations).
     Use the EMA weights; the models are switched to eval mode.
@@ -188,7 +193,9 @@ def sample_latents(model, labels: torch.Tensor, num_steps: int = 150, shift: flo
     if shift is None:
         shift = dit_time_shift(h, w, c)
     if noise is None:
-        noise = torch.randn((labels.shape[0], c, h, w), generator=generator, device=device)
+        # Drawn on the generator's device, then moved: a CPU generator gives the same start on any device.
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn((labels.shape[0], c, h, w), generator=generator, device=gen_device)
     elif tuple(noise.shape) != (labels.shape[0], c, h, w):
         raise ValueError(f"noise must be {(labels.shape[0], c, h, w)}, got {tuple(noise.shape)}")
     if scale == 1.0:

@@ -131,7 +131,8 @@ def load_dit(path: str, preset: str, device: torch.device, what: str = "DiT"):
     if not isinstance(ckpt, dict):
         raise SampleError(f"{what} checkpoint {path} is not a dict")
     overrides = dict(ckpt.get("dit_config") or {})
-    model = build_dit(preset, **overrides)
+    with torch.device(device):          # initialize straight on the target device (XL: 835M params)
+        model = build_dit(preset, **overrides)
     which = "model_ema" if "model_ema" in ckpt else "model"
     if which == "model":
         print(f"[rectok-sample] warning: {path} has no 'model_ema'; sampling with the raw 'model' weights",
@@ -148,7 +149,8 @@ def load_tokenizer(path: str, preset: str, weights: str, device: torch.device):
     if not isinstance(ckpt, dict):
         raise SampleError(f"tokenizer checkpoint {path} is not a dict")
     which = weights if weights != "auto" else ("model_ema" if "model_ema" in ckpt else "model")
-    tok = build_tokenizer(preset, teachers={})
+    with torch.device(device):
+        tok = build_tokenizer(preset, teachers={})
     tok.sampling_ignored_prefixes = ("sem_foundation_models.", "sem_decoders.")
     _load_weights(ckpt, path, tok, which, "tokenizer")
     return tok.to(device).eval()
@@ -247,7 +249,7 @@ def generate(tok, dit, labels: torch.Tensor, args, guide=None) -> tuple[list[str
     """Sample every label in batches, decode, write PNGs and the grid. Returns (image paths, grid path)."""
     from tqdm.auto import tqdm
     device = next(dit.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)      # CPU: the same noise on every device
     os.makedirs(args.out_dir, exist_ok=True)
     paths, all_u8 = [], []
     bar = tqdm(total=len(labels), desc="images", unit="img", disable=args.no_progress)

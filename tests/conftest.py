@@ -10,6 +10,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Tiny test tensors run far faster on one thread than two on a shared 2-core machine.
+torch.set_num_threads(1)
+
+
 def test_device() -> torch.device:
     """CPU by default; RECTOK_TEST_DEVICE=cuda (the GPU suite) runs the kernel tests on the GPU."""
     want = os.environ.get("RECTOK_TEST_DEVICE", "cpu")

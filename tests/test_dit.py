@@ -338,3 +338,13 @@ def test_gradient_reaches_every_trainable_param_and_not_frozen_ones():
         else:
             assert p.grad is None, f"frozen {name} got a gradient"
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == {"pos_embed", "t_embedder.W"}
+
+
+def test_rmsnorm_module_equals_unmodulated_adaln():
+    norm = dit_mod.RMSNorm(12)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(12) + 0.5)
+    x = torch.randn(2, 5, 12) * 3
+    zero = torch.zeros(2, 12)
+    torch.testing.assert_close(norm(x), ops.adaln_modulate(x, norm.weight, zero, zero, 1e-6))
+    torch.testing.assert_close(norm(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * norm.weight)
