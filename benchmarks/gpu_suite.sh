@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-8}
 export HF_HUB_OFFLINE=1 RECTOK_FAST_QUIET=1 RECTOK_TEST_DEVICE=cuda
-unset TRITON_INTERPRET
+export TRITON_INTERPRET=0   # compiled kernels, never the interpreter
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo unknown)
 res="benchmarks/results/${gpu}-$(date -u +%Y%m%dT%H%M%S)"
 mkdir -p "$res"

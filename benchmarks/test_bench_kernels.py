@@ -9,7 +9,7 @@ Real shapes (spec section 9, B = 64, 256 tokens):
 * posterior + flow noise: moments (64, 256, 256) bf16 (encoder output under autocast), eps fp32.
 
 Modes: forward, backward (the forward runs in the untimed setup), full. Each benchmark records the
-bytes the fused kernel must move (reads + writes, formulas in ``_bytes``) so the JSON quotes the
+bytes the fused kernels move (reads + writes, formulas in ``_make``), so the JSON quotes the
 achieved fraction of a copy measured in the same run (benchmarks/conftest.py). The fused variant
 runs only on CUDA (the Triton interpreter is not a speed path); on CPU the compiled baseline runs
 for one shape per op (each torch.compile costs ~15 s of warm-up there) and a few rounds.
@@ -80,8 +80,9 @@ def _make(op, p, dev):
         ids = torch.rand(B, N, device=dev, generator=g).argsort(dim=1)[:, :M_MASKED] if p["masked"] else None
         rows = B * (M_MASKED if ids is not None else N)
         s = pred.element_size()
-        fwd = 2 * rows * D * s + (ids.numel() * 8 if ids is not None else 0)
-        bwd = 2 * rows * D * s + B * N * D * s                     # read picked rows, write all of dL/dpred
+        stats = (4 if ids is not None else 3) * B * N * 4              # per-token fp32 scalars (+ pick count)
+        fwd = 2 * rows * D * s + (ids.numel() * 8 if ids is not None else 0) + stats
+        bwd = 2 * rows * D * s + B * N * D * s + stats                # read picked rows, write all of dL/dpred
         seed = torch.ones((), device=dev)
         return (lambda fn: (fn(pred, target, ids),)), [pred], [seed], fwd, bwd
     if op == "flow":

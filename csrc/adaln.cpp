@@ -69,6 +69,8 @@ void check_x(const at::Tensor& x, const char* op) {
               "(RECTOK_FAST_SKIP_CUDA=1, no nvcc, or a CPU-only torch); rebuild it to use CUDA tensors");
 #else
   if (x.device().is_cuda()) {
+    TORCH_CHECK(x.size(0) <= 65535, op, ": the CUDA kernels support at most 65535 samples per call, got B = ",
+                x.size(0));
     TORCH_CHECK(x.size(2) <= cuda_max_dim(x.scalar_type()), op, ": D = ", x.size(2),
                 " is larger than the CUDA kernels support for ", dtype_name(x.scalar_type()), " (at most ",
                 cuda_max_dim(x.scalar_type()), ": one thread block of ", kCudaMaxThreads, " threads holds a row, ",
@@ -85,7 +87,9 @@ struct Mod {
   at::ScalarType orig_dtype;
 };
 
-Mod prep_mod(const at::Tensor& m, const at::Tensor& x, at::ScalarType mtype, const char* op, const char* name) {
+// need_data = false: only the shape is used (shift in the backward), so no upcast / copy is made.
+Mod prep_mod(const at::Tensor& m, const at::Tensor& x, at::ScalarType mtype, const char* op, const char* name,
+             bool need_data = true) {
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   check_dtype(m, op, name);
   check_device(m, x, op, name);
@@ -97,8 +101,8 @@ Mod prep_mod(const at::Tensor& m, const at::Tensor& x, at::ScalarType mtype, con
   r.orig_sizes = m.sizes();
   r.orig_dtype = m.scalar_type();
   at::Tensor v = m.dim() == 2 ? m.unsqueeze(1) : m;
-  if (v.scalar_type() != mtype) v = v.to(mtype);  // only exact upcasts (bf16 -> fp32) happen here
-  if (D > 1 && v.stride(2) != 1) v = v.contiguous();  // only the inner dim needs unit stride
+  if (need_data && v.scalar_type() != mtype) v = v.to(mtype);  // only exact upcasts (bf16 -> fp32) happen here
+  if (need_data && D > 1 && v.stride(2) != 1) v = v.contiguous();  // only the inner dim needs unit stride
   r.view = v;
   r.mv.ptr = v.data_ptr();
   r.mv.sb = B > 1 ? v.stride(0) : 0;
@@ -392,7 +396,7 @@ std::vector<at::Tensor> adaln_bwd(const at::Tensor& dy_in, const at::Tensor& x_i
               dtype_name(rstd_in.scalar_type()));
   const at::Tensor w = prep_weight(weight, x_in, op);
   const auto mt = mod_type_for(x_in.scalar_type(), shift, scale);
-  const Mod sh = prep_mod(shift, x_in, mt, op, "shift");
+  const Mod sh = prep_mod(shift, x_in, mt, op, "shift", /*need_data=*/false);
   const Mod sc = prep_mod(scale, x_in, mt, op, "scale");
   const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);

@@ -3,6 +3,11 @@
 * :func:`alloc` is the single place where the launchers allocate what a kernel writes. Tests set
   :data:`POISON` to fill every such buffer with NaN (or -1 for integers) first, so an element a
   kernel forgot to write shows up instead of passing by luck.
+* :func:`use_custom_op`: each op exists twice over the same launchers: a ``torch.library`` custom
+  op (with fake kernel and registered autograd) that ``torch.compile`` traces, and a plain
+  ``torch.autograd.Function`` for eager mode, whose dispatch costs a few microseconds instead of
+  the ~20-30 us of a Python custom op per call (this matters for ops whose kernels take tens of
+  microseconds on an H200).
 * :func:`check_tensor` gives the clear input errors the ops promise (device, dtype, rank).
 * :func:`interpreted` tells a launcher that kernels run in the Triton interpreter (CPU tensors,
   ``TRITON_INTERPRET=1``); there fp32 -> bf16 casts truncate instead of rounding to nearest even,
@@ -18,11 +23,16 @@ import triton
 import triton.language as tl
 
 POISON = False                     # tests flip this to catch unwritten outputs
+FORCE_CUSTOM_OP = False            # tests flip this to run the torch.library path in eager mode too
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_custom_op() -> bool:
+    return FORCE_CUSTOM_OP or torch.compiler.is_compiling()
 
 
 def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

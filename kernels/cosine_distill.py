@@ -7,8 +7,9 @@ the target gets no gradient.
 
 Forward: each program takes BLOCK_R rows (gathered through ``ids`` in place, no copies), streams
 them along D in BLOCK_D chunks accumulating |p|^2, |f|^2 and <p, f> in fp32, writes three per-row
-scalars (1/max(|p|,eps), 1/max(|f|,eps), and the projection coefficient) and one partial loss sum;
-the partials are summed afterwards in a fixed order (deterministic). Rows are addressed with the
+scalars (1/max(|p|,eps), 1/max(|f|,eps), and the projection coefficient; with ids also how often
+each token was picked) and one partial loss sum, already divided by the row count; the partials are
+summed afterwards in a fixed order (deterministic). Rows are addressed with the
 (B, N) strides of the inputs, so a token slice of a bigger tensor (e.g. the teacher output minus
 its CLS/register tokens) is read in place; only the channel dim must have stride 1.
 
@@ -22,6 +23,9 @@ clamp passes no gradient at equality either). It recomputes from the saved input
 scalars in one pass, reads the loss seed inside the kernel (no host sync), and writes every
 element of dL/dpred exactly once: with ids it walks all B*N rows and scales each by the number
 of times the row was picked (zero rows for tokens not picked, duplicates accumulate as in gather).
+
+Registered as ``rectok_fast::cosine_distill_fwd`` / ``_bwd`` custom ops (fake kernels + autograd) for
+torch.compile; eager calls take an autograd.Function over the same launchers (cheaper dispatch).
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rectok_fast.kernels._launch import alloc, check_tensor, needs_bf16_rounding, num_warps_for, store_cast
+from rectok_fast.kernels._launch import (alloc, check_tensor, needs_bf16_rounding, num_warps_for, store_cast,
+                                        use_custom_op)
 
 _OP = "cosine_distill_loss"
 COSINE_EPS = 1e-12          # F.normalize default, as rectok_fast.ops.reference
@@ -54,13 +59,17 @@ def _rows(r, M, N, ids_ptr, s_ib, s_im, mask, HAS_IDS: tl.constexpr):
 
 
 @triton.jit
-def _cos_fwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, part_ptr, R, M, N, D, SN,
+def _cos_fwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, part_ptr, R, M, N, D, SN, inv_rows,
                     s_pb, s_pn, s_fb, s_fn, s_ib, s_im,
                     EPS: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < R
     b, n = _rows(r, M, N, ids_ptr, s_ib, s_im, rmask, HAS_IDS)
+    if HAS_IDS:        # an out-of-range id (unchecked on CUDA) never touches memory; it makes the loss NaN
+        valid = rmask & (n >= 0) & (n < N)
+    else:
+        valid = rmask
     p_row = (b * s_pb + n * s_pn)[:, None]
     f_row = (b * s_fb + n * s_fn)[:, None]
     pp = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -68,25 +77,29 @@ def _cos_fwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, part_ptr, R, M, N, D, SN,
     pf = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
-        msk = rmask[:, None] & (cols < D)[None, :]
+        msk = valid[:, None] & (cols < D)[None, :]
         p = tl.load(p_ptr + p_row + cols[None, :], mask=msk, other=0.0).to(tl.float32)
         f = tl.load(f_ptr + f_row + cols[None, :], mask=msk, other=0.0).to(tl.float32)
         pp += tl.sum(p * p, axis=1)
         ff += tl.sum(f * f, axis=1)
         pf += tl.sum(p * f, axis=1)
-    p_norm = tl.sqrt(pp)
-    rp = 1.0 / tl.maximum(p_norm, EPS)
-    rf = 1.0 / tl.maximum(tl.sqrt(ff), EPS)
+    p_norm = tl.sqrt_rn(pp)                       # IEEE-rounded: once per row, costs nothing
+    one = tl.full([BLOCK_R], 1.0, tl.float32)
+    rp = tl.div_rn(one, tl.maximum(p_norm, EPS))
+    rf = tl.div_rn(one, tl.maximum(tl.sqrt_rn(ff), EPS))
     cos = pf * rp * rf
     s = b * N + n                     # per-token statistics, indexed like pred's (B, N) rows
-    tl.store(stats_ptr + s, rp, mask=rmask)
-    tl.store(stats_ptr + SN + s, rf, mask=rmask)
-    tl.store(stats_ptr + 2 * SN + s, tl.where(p_norm > EPS, cos, 0.0), mask=rmask)
-    tl.store(part_ptr + pid, tl.sum(tl.where(rmask, 1.0 - cos, 0.0), axis=0))
+    tl.store(stats_ptr + s, rp, mask=valid)
+    tl.store(stats_ptr + SN + s, rf, mask=valid)
+    tl.store(stats_ptr + 2 * SN + s, tl.where(p_norm > EPS, cos, 0.0), mask=valid)
+    if HAS_IDS:        # how often each token was picked (the gather's backward accumulates duplicates)
+        tl.atomic_add(stats_ptr + 3 * SN + s, tl.full([BLOCK_R], 1.0, tl.float32), mask=valid)
+    term = tl.where(valid, 1.0 - cos, float("nan"))
+    tl.store(part_ptr + pid, tl.sum(tl.where(rmask, term, 0.0), axis=0) * inv_rows)
 
 
 @triton.jit
-def _cos_bwd_kernel(p_ptr, f_ptr, cnt_ptr, stats_ptr, gl_ptr, gp_ptr, SN, N, D, inv_rows,
+def _cos_bwd_kernel(p_ptr, f_ptr, stats_ptr, gl_ptr, gp_ptr, SN, N, D, inv_rows,
                     s_pb, s_pn, s_fb, s_fn,
                     HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr):
     pid = tl.program_id(0)
@@ -96,9 +109,9 @@ def _cos_bwd_kernel(p_ptr, f_ptr, cnt_ptr, stats_ptr, gl_ptr, gp_ptr, SN, N, D, 
     n = (r % N).to(tl.int64)
     g = tl.load(gl_ptr).to(tl.float32) * inv_rows
     if HAS_IDS:
-        cnt = tl.load(cnt_ptr + r, mask=rmask, other=0)
+        cnt = tl.load(stats_ptr + 3 * SN + r, mask=rmask, other=0.0)
         active = rmask & (cnt > 0)
-        w = g * cnt.to(tl.float32)
+        w = g * cnt
     else:
         active = rmask
         w = g + tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -130,25 +143,26 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- launchers
 def cosine_fwd(pred: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor]):
-    """Returns (loss fp32 scalar, stats (3, B*N) fp32)."""
+    """Returns (loss fp32 scalar, stats (3 or 4 with ids, B*N) fp32: 1/|p|, 1/|f|, projection coef, count)."""
     pred, target = _inner_contiguous(pred), _inner_contiguous(target)
     B, N, D = pred.shape
     dev = pred.device
     M = ids.shape[1] if ids is not None else N
     R = B * M
-    stats = alloc((3, B * N), torch.float32, dev)
-    if ids is not None:
-        stats.zero_()          # tokens not picked keep defined (zero) statistics; 12 bytes per token
+    if ids is not None:         # tokens not picked keep defined (zero) statistics; counts start at 0
+        stats = torch.zeros((4, B * N), dtype=torch.float32, device=dev)
+    else:
+        stats = alloc((3, B * N), torch.float32, dev)
     block_r, block_d, warps = _settings(D, R)
     nprog = triton.cdiv(R, block_r)
     part = alloc((nprog,), torch.float32, dev)
     ids_arg = ids if ids is not None else part
     s_ib, s_im = (ids.stride(0), ids.stride(1)) if ids is not None else (0, 0)
-    _cos_fwd_kernel[(nprog,)](pred, target, ids_arg, stats, part, R, M, N, D, B * N,
+    _cos_fwd_kernel[(nprog,)](pred, target, ids_arg, stats, part, R, M, N, D, B * N, 1.0 / R,
                               pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), s_ib, s_im,
                               EPS=COSINE_EPS, HAS_IDS=ids is not None, BLOCK_R=block_r, BLOCK_D=block_d,
                               num_warps=warps)
-    return part.sum() / R, stats
+    return part.sum(), stats
 
 
 def cosine_bwd(pred, target, ids: Optional[torch.Tensor], stats, g_loss):
@@ -157,14 +171,9 @@ def cosine_bwd(pred, target, ids: Optional[torch.Tensor], stats, g_loss):
     dev = pred.device
     M = ids.shape[1] if ids is not None else N
     gp = alloc((B, N, D), pred.dtype, dev)
-    if ids is not None:
-        cnt = torch.zeros((B, N), dtype=torch.int32, device=dev)
-        cnt.scatter_add_(1, ids.long(), torch.ones(ids.shape, dtype=torch.int32, device=dev))
-    else:
-        cnt = stats
     block_r, block_d, warps = _settings(D, B * N)
     _cos_bwd_kernel[(triton.cdiv(B * N, block_r),)](
-        pred, target, cnt, stats, g_loss.reshape(1), gp, B * N, N, D, 1.0 / (B * M),
+        pred, target, stats, g_loss.reshape(1), gp, B * N, N, D, 1.0 / (B * M),
         pred.stride(0), pred.stride(1), target.stride(0), target.stride(1),
         HAS_IDS=ids is not None, BLOCK_R=block_r, BLOCK_D=block_d, ROUND=needs_bf16_rounding(pred.dtype),
         num_warps=warps)
@@ -181,7 +190,8 @@ def _cos_fwd_op(pred: torch.Tensor, target: torch.Tensor,
 @_cos_fwd_op.register_fake
 def _(pred, target, ids):
     B, N, _ = pred.shape
-    return pred.new_empty((), dtype=torch.float32), pred.new_empty((3, B * N), dtype=torch.float32)
+    rows = 3 if ids is None else 4
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty((rows, B * N), dtype=torch.float32)
 
 
 @torch.library.custom_op("rectok_fast::cosine_distill_bwd", mutates_args=())
@@ -201,14 +211,32 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, g_loss, *_unused):
+def _grads(ctx, g_loss, bwd):
     pred, target, ids, stats = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None
-    return torch.ops.rectok_fast.cosine_distill_bwd(pred, target, ids, stats, g_loss), None, None
+    return bwd(pred, target, ids, stats, g_loss), None, None
+
+
+def _backward(ctx, g_loss, *_unused):
+    return _grads(ctx, g_loss, torch.ops.rectok_fast.cosine_distill_bwd)
 
 
 torch.library.register_autograd("rectok_fast::cosine_distill_fwd", _backward, setup_context=_setup)
+
+
+class _CosineDistill(torch.autograd.Function):
+    """Eager twin of the custom op (same launchers, cheaper dispatch); see kernels/_launch.py."""
+
+    @staticmethod
+    def forward(ctx, pred, target, ids):
+        out = cosine_fwd(pred, target, ids)
+        _setup(ctx, (pred, target, ids), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_loss, *_unused):
+        return _grads(ctx, g_loss, cosine_bwd)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -224,8 +252,8 @@ def _check_ids(ids: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     if ids.dtype not in (torch.int32, torch.int64):
         ids = ids.long()
     # A range check needs the values on the host: cheap on CPU, a sync on CUDA (opt in with
-    # RECTOK_FAST_CHECK_IDS=1; otherwise an out-of-range id trips the device-side assert of the
-    # backward's scatter_add). Skipped while torch.compile traces (it would break the graph).
+    # RECTOK_FAST_CHECK_IDS=1; unchecked, the kernel skips an out-of-range id and returns a NaN loss
+    # instead of touching memory out of bounds). Skipped while torch.compile traces (graph break).
     if ids.numel() and not torch.compiler.is_compiling() and (ids.device.type == "cpu" or _check_ids_on_gpu()):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= pred.shape[1]:
@@ -250,5 +278,8 @@ def cosine_distill_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Ten
             return (pred.float() * 0.0).sum()      # the reference's zero loss, still connected to pred
     if pred.numel() == 0:
         raise ValueError(f"{_OP}: pred {tuple(pred.shape)} is empty; the mean over no rows is undefined")
-    loss, _ = torch.ops.rectok_fast.cosine_distill_fwd(pred, target.detach(), ids)
+    if use_custom_op():
+        loss, _ = torch.ops.rectok_fast.cosine_distill_fwd(pred, target.detach(), ids)
+    else:
+        loss, _ = _CosineDistill.apply(pred, target.detach(), ids)
     return loss

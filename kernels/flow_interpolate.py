@@ -10,7 +10,8 @@ vectorized. Forward reads x, noise and writes out (and v); backward reads the ou
 and writes both input gradients in one pass.
 
 Registered as ``rectok_fast::flow_interpolate_fwd`` / ``rectok_fast::flow_interpolate_bwd``
-(torch.library custom ops with fake kernels and autograd), so ``torch.compile`` traces through it.
+(torch.library custom ops with fake kernels and autograd), so ``torch.compile`` traces through it;
+eager calls take an autograd.Function over the same launchers (cheaper dispatch).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rectok_fast.kernels._launch import alloc, check_tensor, needs_bf16_rounding, num_warps_for, store_cast
+from rectok_fast.kernels._launch import (alloc, check_tensor, needs_bf16_rounding, num_warps_for, store_cast,
+                                        use_custom_op)
 
 _OP = "flow_interpolate"
 
@@ -64,7 +66,7 @@ def _flow_bwd_kernel(go_ptr, gv_ptr, t_ptr, gx_ptr, gn_ptr, S, nblk,
 
 
 def _settings(S: int):
-    block = min(4096, triton.next_power_of_2(max(S, 1)))
+    block = min(2048, triton.next_power_of_2(max(S, 1)))
     return block, num_warps_for(block)
 
 
@@ -144,15 +146,32 @@ def _setup(ctx, inputs, output):
     ctx.x_dtype, ctx.noise_dtype = x.dtype, noise.dtype
 
 
-def _backward(ctx, g_out, g_v):
+def _grads(ctx, g_out, g_v, bwd):
     (t,) = ctx.saved_tensors
     need_x, need_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx, gn = torch.ops.rectok_fast.flow_interpolate_bwd(g_out, g_v, t, ctx.with_velocity, ctx.x_dtype,
-                                                        ctx.noise_dtype, need_x, need_noise)
+    gx, gn = bwd(g_out, g_v, t, ctx.with_velocity, ctx.x_dtype, ctx.noise_dtype, need_x, need_noise)
     return (gx if need_x else None), (gn if need_noise else None), None, None
 
 
+def _backward(ctx, g_out, g_v):
+    return _grads(ctx, g_out, g_v, torch.ops.rectok_fast.flow_interpolate_bwd)
+
+
 torch.library.register_autograd("rectok_fast::flow_interpolate_fwd", _backward, setup_context=_setup)
+
+
+class _FlowInterpolate(torch.autograd.Function):
+    """Eager twin of the custom op (same launchers, cheaper dispatch); see kernels/_launch.py."""
+
+    @staticmethod
+    def forward(ctx, x, noise, t, with_velocity):
+        out = flow_fwd(x, noise, t, with_velocity)
+        _setup(ctx, (x, noise, t, with_velocity), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out, g_v):
+        return _grads(ctx, g_out, g_v, flow_bwd)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -171,5 +190,8 @@ def flow_interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, retu
     if t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{_OP}: t must be a real tensor, got {t.dtype}")
     tt = t.detach().reshape(b).to(torch.float32)
-    out, v = torch.ops.rectok_fast.flow_interpolate_fwd(x, noise, tt, bool(return_velocity))
+    if use_custom_op():
+        out, v = torch.ops.rectok_fast.flow_interpolate_fwd(x, noise, tt, bool(return_velocity))
+    else:
+        out, v = _FlowInterpolate.apply(x, noise, tt, bool(return_velocity))
     return (out, v) if return_velocity else out

@@ -21,6 +21,9 @@ the three output gradients and writes the moments gradient (plus eps gradients w
 
 (torch.clamp passes the gradient only strictly inside its bounds; this matches it.)
 The KL seed g_kl is read inside the kernel, so nothing syncs with the host.
+
+Registered as ``rectok_fast::posterior_flow_fwd`` / ``_bwd`` custom ops (fake kernels + autograd) for
+torch.compile; eager calls take an autograd.Function over the same launchers (cheaper dispatch).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rectok_fast.kernels._launch import alloc, check_tensor, needs_bf16_rounding, num_warps_for, store_cast
+from rectok_fast.kernels._launch import (alloc, check_tensor, needs_bf16_rounding, num_warps_for, store_cast,
+                                        use_custom_op)
 
 _OP = "posterior_flow_noise"
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0      # must equal rectok_fast.ops.reference (models/gaussian.py clamp)
@@ -68,7 +72,7 @@ def _post_fwd_kernel(m_ptr, e1_ptr, e2_ptr, tau_ptr, z_ptr, zt_ptr, klp_ptr, L, 
     tl.store(z_ptr + e_off, z, mask=mask)
     tl.store(zt_ptr + e_off, zt, mask=mask)
     term = tl.where(mask, mean * mean + var - 1.0 - lv, 0.0)
-    tl.store(klp_ptr + pid, tl.sum(tl.sum(term, axis=1), axis=0))
+    tl.store(klp_ptr + pid, 0.5 * tl.sum(tl.sum(term, axis=1), axis=0))
 
 
 @triton.jit
@@ -131,7 +135,7 @@ def posterior_fwd(moments, eps_post, eps_flow, tau, gamma: float):
     _post_fwd_kernel[(B * nlb * ncb,)](moments, eps_post, eps_flow, tau, z, zt, partial, L, C, float(gamma),
                                        nlb, ncb, LO=LOGVAR_MIN, HI=LOGVAR_MAX, BLOCK_L=block_l,
                                        BLOCK_C=block_c, num_warps=warps)
-    return z, zt, 0.5 * partial.sum(dim=1)
+    return z, zt, partial.sum(dim=1)
 
 
 def posterior_bwd(moments, eps_post, tau, g_z, g_zt, g_kl, gamma: float, need_m: bool, need_e1: bool,
@@ -195,15 +199,33 @@ def _setup(ctx, inputs, output):
     ctx.e2_dtype = eps_flow.dtype
 
 
-def _backward(ctx, g_z, g_zt, g_kl):
+def _grads(ctx, g_z, g_zt, g_kl, bwd):
     moments, eps_post, tau = ctx.saved_tensors
     need_m, need_e1, need_e2 = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    gm, ge1, ge2 = torch.ops.rectok_fast.posterior_flow_bwd(moments, eps_post, tau, g_z, g_zt, g_kl, ctx.gamma,
-                                                            need_m, need_e1, need_e2, eps_post.dtype, ctx.e2_dtype)
+    gm, ge1, ge2 = bwd(moments, eps_post, tau, g_z, g_zt, g_kl, ctx.gamma, need_m, need_e1, need_e2,
+                       eps_post.dtype, ctx.e2_dtype)
     return (gm if need_m else None), (ge1 if need_e1 else None), (ge2 if need_e2 else None), None, None
 
 
+def _backward(ctx, g_z, g_zt, g_kl):
+    return _grads(ctx, g_z, g_zt, g_kl, torch.ops.rectok_fast.posterior_flow_bwd)
+
+
 torch.library.register_autograd("rectok_fast::posterior_flow_fwd", _backward, setup_context=_setup)
+
+
+class _PosteriorFlow(torch.autograd.Function):
+    """Eager twin of the custom op (same launchers, cheaper dispatch); see kernels/_launch.py."""
+
+    @staticmethod
+    def forward(ctx, moments, eps_post, eps_flow, tau, gamma):
+        out = posterior_fwd(moments, eps_post, eps_flow, tau, gamma)
+        _setup(ctx, (moments, eps_post, eps_flow, tau, gamma), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_z, g_zt, g_kl):
+        return _grads(ctx, g_z, g_zt, g_kl, posterior_bwd)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -227,4 +249,6 @@ def posterior_flow_noise(moments: torch.Tensor, eps_post: torch.Tensor, eps_flow
     if isinstance(gamma, torch.Tensor):
         raise TypeError(f"{_OP}: gamma must be a Python number, got a tensor")
     tt = tau.detach().reshape(b).to(torch.float32)
-    return torch.ops.rectok_fast.posterior_flow_fwd(moments, eps_post, eps_flow, tt, float(gamma))
+    if use_custom_op():
+        return torch.ops.rectok_fast.posterior_flow_fwd(moments, eps_post, eps_flow, tt, float(gamma))
+    return _PosteriorFlow.apply(moments, eps_post, eps_flow, tt, float(gamma))

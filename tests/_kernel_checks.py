@@ -77,3 +77,11 @@ def compile_backend(device: torch.device) -> str:
     if device.type == "cuda" or os.environ.get("RECTOK_TEST_INDUCTOR", "0") not in ("", "0"):
         return "inductor"
     return "aot_eager"
+
+
+def via_custom_op(via: str, monkeypatch) -> str:
+    """'customop' runs the torch.library custom-op path (what torch.compile traces) in eager mode."""
+    if via == "customop":
+        monkeypatch.setattr(_launch, "FORCE_CUSTOM_OP", True)
+        return "direct"
+    return via

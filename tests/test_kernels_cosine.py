@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import rectok_fast.kernels.cosine_distill as cos_mod
-from _kernel_checks import as64, check, kernel_device, leaf, poison_outputs  # noqa: F401
+from _kernel_checks import via_custom_op, as64, check, kernel_device, leaf, poison_outputs  # noqa: F401
 from rectok_fast import ops
 from rectok_fast.kernels.cosine_distill import cosine_distill_loss as fused_cos
 from rectok_fast.ops import reference
@@ -61,8 +61,9 @@ def _inputs(B, N, D, dtype, dev):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 13, 100), (2, 7, 33)])
 @pytest.mark.parametrize("ids_kind", ["none", "random", "all"])
-@pytest.mark.parametrize("via", ["direct", "ops"])
-def test_forward_and_grad(device, dtype, shape, ids_kind, via):
+@pytest.mark.parametrize("via", ["direct", "ops", "customop"])
+def test_forward_and_grad(device, dtype, shape, ids_kind, via, monkeypatch):
+    via = via_custom_op(via, monkeypatch)
     dev = kernel_device(device)
     B, N, D = shape
     pred, target = _inputs(B, N, D, dtype, dev)
@@ -80,8 +81,9 @@ def test_forward_and_grad(device, dtype, shape, ids_kind, via):
         assert (g[~picked] == 0).all() and (g[picked] != 0).any()
 
 
-@pytest.mark.parametrize("via", ["direct", "ops"])
-def test_empty_ids_gives_zero_loss_and_grad(device, via):
+@pytest.mark.parametrize("via", ["direct", "ops", "customop"])
+def test_empty_ids_gives_zero_loss_and_grad(device, via, monkeypatch):
+    via = via_custom_op(via, monkeypatch)
     dev = kernel_device(device)
     pred, target = _inputs(2, 5, 7, torch.bfloat16, dev)
     ids = torch.empty(2, 0, dtype=torch.long, device=dev)
@@ -180,3 +182,12 @@ def test_input_errors(device):
             fused_cos(pred, pred, torch.tensor([[0, 5], [1, 2]], device=dev))
         with pytest.raises(IndexError, match=r"\[0, 5\)"):
             fused_cos(pred, pred, torch.tensor([[0, -1], [1, 2]], device=dev))
+
+
+def test_out_of_range_ids_never_touch_memory(device):
+    """Unchecked (as on CUDA without RECTOK_FAST_CHECK_IDS=1) bad ids give a NaN loss, no OOB access."""
+    dev = kernel_device(device)
+    pred, target = _inputs(2, 5, 8, torch.float32, dev)
+    loss, stats = cos_mod.cosine_fwd(pred.detach(), target, torch.tensor([[0, 5], [1, -2]], device=dev))
+    assert torch.isnan(loss)
+    assert stats[3].sum().item() == 2.0               # only the two valid ids were counted

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from _kernel_checks import as64, check, compile_backend, grads, kernel_device, leaf, poison_outputs  # noqa: F401
+from _kernel_checks import via_custom_op, as64, check, compile_backend, grads, kernel_device, leaf, poison_outputs  # noqa: F401
 import rectok_fast.kernels.cosine_distill  # noqa: F401  (registers rectok_fast::cosine_distill_*)
 import rectok_fast.kernels.posterior_flow  # noqa: F401  (registers rectok_fast::posterior_flow_*)
 from rectok_fast import ops
@@ -75,8 +75,9 @@ def _run_case(x, noise, t, velocity, via, seed_mask=(True, True)):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 37), (2, 5, 7, 9), (4, 3, 1500)])
 @pytest.mark.parametrize("velocity", [False, True])
-@pytest.mark.parametrize("via", ["direct", "ops"])
-def test_forward_and_grads(device, dtype, shape, velocity, via):
+@pytest.mark.parametrize("via", ["direct", "ops", "customop"])
+def test_forward_and_grads(device, dtype, shape, velocity, via, monkeypatch):
+    via = via_custom_op(via, monkeypatch)
     dev = kernel_device(device)
     x = leaf(torch.randn(shape, device=dev).to(dtype))
     noise = leaf(torch.randn(shape, device=dev).to(dtype))
@@ -167,6 +168,23 @@ def test_torch_compile_matches_eager(device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_eager_and_custom_op_paths(device, monkeypatch):
+    """Eager calls use the autograd.Function twins; FORCE_CUSTOM_OP (and torch.compile) the custom ops."""
+    from rectok_fast.kernels import _launch
+    dev = kernel_device(device)
+    x = torch.randn(2, 3, 4, device=dev, requires_grad=True)
+    t = torch.rand(2, device=dev)
+
+    def names():
+        return [type(o.grad_fn).__name__ for o in (
+            fused_flow(x, x, t),
+            rectok_fast.kernels.posterior_flow.posterior_flow_noise(torch.cat([x, x], -1), x, x, t)[0],
+            rectok_fast.kernels.cosine_distill.cosine_distill_loss(x, x))]
+    assert names() == ["_FlowInterpolateBackward", "_PosteriorFlowBackward", "_CosineDistillBackward"]
+    monkeypatch.setattr(_launch, "FORCE_CUSTOM_OP", True)
+    assert all("rectok_fast" in n for n in names()), names()
+
+
 def test_opcheck_registrations(device):
     """torch.library.opcheck: schema, fake kernels and autograd registration of all fused ops."""
     dev = kernel_device(device)
@@ -207,3 +225,58 @@ def test_fused_backend_without_interpreter_raises():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("raised") == 3, r.stdout
+
+
+_SM90_SCRIPT = textwrap.dedent('''
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from rectok_fast.kernels import cosine_distill as CD, flow_interpolate as FI, posterior_flow as PF
+
+    ALIGNED = {"S", "D", "C", "L", "N", "SN", "s_pb", "s_pn", "s_fb", "s_fn"}
+
+    def build(fn, sig, consts):
+        full = {**sig, **{k: "constexpr" for k in consts}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (k, t) in enumerate(full.items())
+                 if t != "constexpr" and (t.startswith("*") or k in ALIGNED)}
+        src = ASTSource(fn=fn, signature=full, attrs=attrs,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        assert "ld.global.v4" in ptx, f"{fn.__name__}: loads are not vectorized"
+        print("ok", fn.__name__)
+
+    for dt in ("*fp32", "*bf16"):
+        build(FI._flow_fwd_kernel, dict(x_ptr=dt, n_ptr=dt, t_ptr="*fp32", out_ptr=dt, v_ptr=dt, S="i32", nblk="i32"),
+              dict(BLOCK=2048, WITH_V=True, ROUND=False))
+        build(FI._flow_bwd_kernel, dict(go_ptr=dt, gv_ptr=dt, t_ptr="*fp32", gx_ptr=dt, gn_ptr=dt, S="i32", nblk="i32"),
+              dict(BLOCK=2048, WITH_V=True, NEED_X=True, NEED_N=True, ROUND=False))
+        build(PF._post_fwd_kernel, dict(m_ptr=dt, e1_ptr="*fp32", e2_ptr="*fp32", tau_ptr="*fp32", z_ptr="*fp32",
+              zt_ptr="*fp32", klp_ptr="*fp32", L="i32", C="i32", gamma="fp32", nlb="i32", ncb="i32"),
+              dict(LO=-30.0, HI=20.0, BLOCK_L=16, BLOCK_C=128))
+        build(PF._post_bwd_kernel, dict(m_ptr=dt, e1_ptr="*fp32", tau_ptr="*fp32", gz_ptr="*fp32", gzt_ptr="*fp32",
+              gkl_ptr="*fp32", gm_ptr=dt, ge1_ptr="*fp32", ge2_ptr="*fp32", L="i32", C="i32", gamma="fp32",
+              nlb="i32", ncb="i32"),
+              dict(LO=-30.0, HI=20.0, BLOCK_L=16, BLOCK_C=128, NEED_M=True, NEED_E1=True, NEED_E2=True, ROUND=False))
+        for ids in (False, True):
+            build(CD._cos_fwd_kernel, dict(p_ptr=dt, f_ptr=dt, ids_ptr="*i64", stats_ptr="*fp32", part_ptr="*fp32",
+                  R="i32", M="i32", N="i32", D="i32", SN="i32", inv_rows="fp32", s_pb="i64", s_pn="i64",
+                  s_fb="i64", s_fn="i64", s_ib="i64", s_im="i64"),
+                  dict(EPS=1e-12, HAS_IDS=ids, BLOCK_R=4, BLOCK_D=1024))
+            build(CD._cos_bwd_kernel, dict(p_ptr=dt, f_ptr=dt, stats_ptr="*fp32", gl_ptr="*fp32", gp_ptr=dt,
+                  SN="i32", N="i32", D="i32", inv_rows="fp32", s_pb="i64", s_pn="i64", s_fb="i64", s_fn="i64"),
+                  dict(HAS_IDS=ids, BLOCK_R=4, BLOCK_D=1024, ROUND=False))
+''')
+
+
+def test_kernels_compile_for_sm90(device):
+    """The interpreter does not compile kernels; on a machine without a GPU, build every kernel for
+    sm_90 (H100/H200) with Triton's own ptxas to catch GPU-only compile errors, and check that the
+    loads along D are 128-bit vectorized. (On CUDA the other tests run the compiled kernels.)"""
+    if device.type == "cuda":
+        pytest.skip("the GPU run compiles and runs every kernel for real")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
+        pytest.skip("Triton's ptxas is not available here")
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    assert r.stdout.count("ok") == 16, r.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rectok_fast.kernels.posterior_flow as post_mod
-from _kernel_checks import as64, check, grads, kernel_device, leaf, poison_outputs  # noqa: F401
+from _kernel_checks import via_custom_op, as64, check, grads, kernel_device, leaf, poison_outputs  # noqa: F401
 from rectok_fast import ops
 from rectok_fast.kernels.posterior_flow import posterior_flow_noise as fused_post
 from rectok_fast.ops import reference
@@ -65,8 +65,9 @@ def _run_case(moments, e1, e2, tau, gamma, via="direct", seed_mask=(True, True, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 7, 5), (2, 19, 33), (2, 3, 1030)])
-@pytest.mark.parametrize("via", ["direct", "ops"])
-def test_forward_and_grads(device, dtype, shape, via):
+@pytest.mark.parametrize("via", ["direct", "ops", "customop"])
+def test_forward_and_grads(device, dtype, shape, via, monkeypatch):
+    via = via_custom_op(via, monkeypatch)
     dev = kernel_device(device)
     B, L, C = shape
     moments = leaf(_moments(B, L, C, dtype, dev))

@@ -264,7 +264,9 @@ class GaussianFourierEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * fourier_size, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        proj = t.reshape(-1, 1).float() * self.W.reshape(1, -1).float() * (2 * math.pi)
+        # Official dtype promotion (t * W): fp32 for fp32/int t with fp32 W, fp64 for a .double() model.
+        dt = torch.promote_types(torch.promote_types(t.dtype, self.W.dtype), torch.float32)
+        proj = t.reshape(-1, 1).to(dt) * self.W.reshape(1, -1).to(dt) * (2 * math.pi)
         return self.mlp(torch.cat([proj.sin(), proj.cos()], dim=-1))
 
 

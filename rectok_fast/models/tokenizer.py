@@ -261,7 +261,12 @@ class _TokenTransformer(nn.Module):
         self.register_buffer("rope_tensor", rope_table(width // heads, self.grid, self.grid), persistent=False)
 
     def _body(self, z: torch.Tensor, ids_restore: torch.Tensor | None) -> torch.Tensor:
-        x = getattr(self, self.embed_name)(z)
+        embed = getattr(self, self.embed_name)
+        # The posterior op returns fp32 latents; officially the latents keep the moments' dtype
+        # (DiagonalGaussianDistribution chunks its input). Casting to the weights' dtype makes a
+        # .double() or .to(bfloat16) model run as the official one does; a no-op for fp32 weights
+        # (autocast still decides the matmul precision).
+        x = embed(z.to(embed.weight.dtype))
         if ids_restore is not None:
             x = unshuffle_with_mask(x, getattr(self, self.fill_name), ids_restore)
         elif x.shape[1] != self.seq_len:

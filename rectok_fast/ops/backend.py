@@ -17,7 +17,6 @@ Two families of fast paths exist, and each op belongs to one:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import sys
@@ -72,14 +71,18 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERROR: list = []   # computed once; a plain global keeps torch.compile from tracing a cache wrapper
+
+
 def triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the install
-        return f"triton could not be imported: {exc!r}"
-    return None
+    if not _TRITON_ERROR:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_ERROR.append(None)
+        except Exception as exc:  # pragma: no cover - depends on the install
+            _TRITON_ERROR.append(f"triton could not be imported: {exc!r}")
+    return _TRITON_ERROR[0]
 
 
 def extension_import_error() -> str | None:

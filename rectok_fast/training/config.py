@@ -25,9 +25,9 @@ STAGE_DEFAULTS = {
 # Small models on the bundled photos; run anywhere in minutes. 'tiny' is the test size.
 PRESETS = {
     "official": {},
-    "demo": dict(model_small=True, img_size=64, batch_size=8, epochs=4, lr=1e-3, warmup_epochs=0.5,
-                 disc_start_epoch=1, ckpt_every=16, log_every=2, num_classes=10, decay_start_epoch=1,
-                 end_lr=1e-4, num_workers=2, disc_ndf=16, convnext_size=64, sample_steps=10),
+    "demo": dict(model_small=True, img_size=64, batch_size=8, epochs=3, lr=1e-3, warmup_epochs=0.5,
+                 disc_start_epoch=1, ckpt_every=12, log_every=2, num_classes=10, decay_start_epoch=1,
+                 end_lr=1e-4, num_workers=2, disc_ndf=16, convnext_size=32, sample_steps=10),
     "tiny": dict(model_small=True, img_size=32, batch_size=4, epochs=1, lr=1e-3, warmup_epochs=0.0,
                  disc_start_epoch=0, ckpt_every=0, log_every=1, num_classes=10, decay_start_epoch=0,
                  end_lr=1e-4, num_workers=0, disc_ndf=8, disc_layers=2, convnext=False, teacher_depth=1,
@@ -132,7 +132,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                        warmup_epochs=None, lr=None))
     merged.update(STAGE_DEFAULTS[stage])
     merged.update(PRESETS[args.preset])
-    given = vars(args)
+    given = set(vars(args))          # the flags given on the command line (SUPPRESS defaults are absent)
     for k, v in merged.items():
         if k not in given:
             setattr(args, k, v)

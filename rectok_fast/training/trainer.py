@@ -547,8 +547,13 @@ def run(args) -> dict:
                 if logs is not None:
                     logs.update(lr=lr, epoch=epoch_f, step_time=time.time() - t0,
                                 images_per_s=global_batch / max(time.time() - t0, 1e-9))
-                    last_logs = logs
                     if step % args.log_every == 0 or step == total:
+                        if world > 1:   # mean over data-parallel ranks (same steps on every rank)
+                            keys = sorted(logs)
+                            vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+                            all_reduce_(vals)
+                            logs = {k: float(v) / world for k, v in zip(keys, vals.tolist())}
+                        last_logs = logs
                         logger.log(step, logs)
                         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
                 if args.ckpt_every and step % args.ckpt_every == 0 and step < total:
