@@ -93,5 +93,5 @@ def test_bench_adaln(benchmark, bench_device, op, impl, mode, case):
     benchmark.group = f"{op} {'x'.join(map(str, shape))} {str(dtype).split('.')[-1]} {mod} {mode}"
     record(benchmark, bytes_moved=nbytes[mode], op=op, impl=impl, mode=mode, shape=list(shape),
            dtype=str(dtype), modulation=mod)
-    rounds = 30 if bench_device.type == "cuda" else 8
+    rounds = 30 if bench_device.type == "cuda" else 20
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)

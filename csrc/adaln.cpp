@@ -127,8 +127,17 @@ inline float round_through(float v) { return static_cast<float>(static_cast<S>(v
 template <>
 inline float round_through<float>(float v) { return v; }
 
+// The per-row loops below are compiled twice on x86-64 GCC: for x86-64-v3 (AVX2 + FMA) and the
+// baseline; the loader picks one per process (ifunc). Every pointer argument is __restrict__ so the
+// loops vectorize.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(RECTOK_FAST_NO_CPU_CLONES)
+#define RECTOK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RECTOK_CPU_CLONES
+#endif
+
 // Sum of p[d] * q[d] with 16 independent accumulators (vectorizes; fixed order).
-inline float dot16(const float* __restrict__ p, const float* __restrict__ q, int64_t D) {
+RECTOK_CPU_CLONES float dot16(const float* __restrict__ p, const float* __restrict__ q, int64_t D) {
   float acc[16] = {0.f};
   int64_t d = 0;
   for (; d + 16 <= D; d += 16)
@@ -153,6 +162,75 @@ inline void store_row(S* __restrict__ out, const float* __restrict__ v, int64_t 
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<S>(v[d]);
 }
 
+RECTOK_CPU_CLONES void accumulate(float* __restrict__ acc, const float* __restrict__ v, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] += v[d];
+}
+
+// One row of the backward, first pass (all pointers distinct, so the loop vectorizes):
+// aw += gs * xr (weight grad), g = gs * w (grad of xhat), xh = x * rstd, dsc = dy * xr * w (scale grad).
+// round_bf16: the activations are bf16, so the normalised row is rounded to bf16 (as the reference does).
+template <bool ROUND>
+inline void adaln_bwd_row_impl(const float* __restrict__ xf, const float* __restrict__ gy, const float* __restrict__ s1,
+                               const float* __restrict__ w, float r, int64_t D, float* __restrict__ aw,
+                               float* __restrict__ g, float* __restrict__ xh, float* __restrict__ dsc) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float h = xf[d] * r;
+    const float xr = ROUND ? round_through<bf16>(h) : h;
+    const float gs = gy[d] * (1.f + s1[d]);  // d out / d (xr * w)
+    aw[d] += gs * xr;
+    g[d] = gs * w[d];                        // d out / d xhat
+    xh[d] = h;
+    dsc[d] = gy[d] * (xr * w[d]);
+  }
+}
+
+RECTOK_CPU_CLONES void adaln_bwd_row(const float* __restrict__ xf, const float* __restrict__ gy,
+                                     const float* __restrict__ s1, const float* __restrict__ w, float r, int64_t D,
+                                     bool round_bf16, float* __restrict__ aw, float* __restrict__ g,
+                                     float* __restrict__ xh, float* __restrict__ dsc) {
+  if (round_bf16) adaln_bwd_row_impl<true>(xf, gy, s1, w, r, D, aw, g, xh, dsc);
+  else adaln_bwd_row_impl<false>(xf, gy, s1, w, r, D, aw, g, xh, dsc);
+}
+
+template <bool ROUND>
+inline void adaln_fwd_row_impl(const float* __restrict__ xf, const float* __restrict__ w,
+                               const float* __restrict__ s0, const float* __restrict__ s1, float r, int64_t D,
+                               float* __restrict__ o) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float h = xf[d] * r;
+    const float a = (ROUND ? round_through<bf16>(h) : h) * w[d];
+    o[d] = a * (1.f + s1[d]) + s0[d];
+  }
+}
+
+RECTOK_CPU_CLONES void adaln_fwd_row(const float* __restrict__ xf, const float* __restrict__ w,
+                                     const float* __restrict__ s0, const float* __restrict__ s1, float r, int64_t D,
+                                     bool round_bf16, float* __restrict__ o) {
+  if (round_bf16) adaln_fwd_row_impl<true>(xf, w, s0, s1, r, D, o);
+  else adaln_fwd_row_impl<false>(xf, w, s0, s1, r, D, o);
+}
+
+RECTOK_CPU_CLONES void gated_fwd_row(const float* __restrict__ xf, const float* __restrict__ gf,
+                                     const float* __restrict__ yf, int64_t D, float* __restrict__ o) {
+  for (int64_t d = 0; d < D; ++d) o[d] = xf[d] + gf[d] * yf[d];
+}
+
+// t = dout * y (gate grad), dyo = gate * dout (grad of y)
+RECTOK_CPU_CLONES void gated_bwd_row(const float* __restrict__ of, const float* __restrict__ yf,
+                                     const float* __restrict__ gf, int64_t D, float* __restrict__ t,
+                                     float* __restrict__ dyo) {
+  for (int64_t d = 0; d < D; ++d) {
+    t[d] = of[d] * yf[d];
+    dyo[d] = gf[d] * of[d];
+  }
+}
+
+// dx = rstd * (g - xhat * mean(g * xhat))
+RECTOK_CPU_CLONES void adaln_dx_row(const float* __restrict__ g, const float* __restrict__ xh, float r, float m, int64_t D,
+                         float* __restrict__ o) {
+  for (int64_t d = 0; d < D; ++d) o[d] = r * (g[d] - xh[d] * m);
+}
+
 int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)); }
 
 template <typename T, typename M>
@@ -175,10 +253,7 @@ void cpu_adaln_fwd(const at::Tensor& x, const float* w, const ModView& sh, const
       const float* s0 = as_float<M>(shp + b * sh.sb + n * sh.sn, D, shb);
       const float* s1 = as_float<M>(scp + b * sc.sb + n * sc.sn, D, scb);
       float* o = std::is_same<T, float>::value ? reinterpret_cast<float*>(op + row * D) : ob;
-      for (int64_t d = 0; d < D; ++d) {
-        const float a = round_through<T>(xf[d] * r) * w[d];
-        o[d] = a * (1.f + s1[d]) + s0[d];
-      }
+      adaln_fwd_row(xf, w, s0, s1, r, D, !std::is_same<T, float>::value, o);
       if (!std::is_same<T, float>::value) store_row<T>(op + row * D, ob, D);
     }
   });
@@ -250,22 +325,14 @@ void cpu_adaln_bwd(const at::Tensor& dy, const at::Tensor& x, const float* w, co
         const float* gy = as_float<T>(gp + row * D, D, gb);
         if (scale_tok) s1 = as_float<M>(scp + b * sc.sb + n * sc.sn, D, scb);
         const float r = rp[row];
-        for (int64_t d = 0; d < D; ++d) {
-          const float h = xf[d] * r;
-          const float xr = round_through<T>(h);
-          const float gs = gy[d] * (1.f + s1[d]);  // d out / d (xr * w)
-          aw[d] += gs * xr;
-          g[d] = gs * w[d];                        // d out / d xhat
-          xh[d] = h;
-          dsc[d] = gy[d] * (xr * w[d]);
-        }
+        adaln_bwd_row(xf, gy, s1, w, r, D, !std::is_same<T, float>::value, aw, g, xh, dsc);
         if (shift_tok) store_row<M>(dshp + row * D, gy, D);
-        else for (int64_t d = 0; d < D; ++d) ash[d] += gy[d];
+        else accumulate(ash, gy, D);
         if (scale_tok) store_row<M>(dscp + row * D, dsc, D);
-        else for (int64_t d = 0; d < D; ++d) asc[d] += dsc[d];
+        else accumulate(asc, dsc, D);
         const float m = dot16(g, xh, D) / float(D);
         float* o = std::is_same<T, float>::value ? reinterpret_cast<float*>(dxp + row * D) : tb;
-        for (int64_t d = 0; d < D; ++d) o[d] = r * (g[d] - xh[d] * m);
+        adaln_dx_row(g, xh, r, m, D, o);
         if (!std::is_same<T, float>::value) store_row<T>(dxp + row * D, tb, D);
       }
     }
@@ -291,7 +358,7 @@ void cpu_gated_fwd(const at::Tensor& x, const ModView& gate, const at::Tensor& y
       const float* yf = as_float<Y>(yp + row * D, D, yb);
       const float* gf = as_float<M>(gp + b * gate.sb + n * gate.sn, D, gb);
       float* o = std::is_same<T, float>::value ? reinterpret_cast<float*>(op + row * D) : ob;
-      for (int64_t d = 0; d < D; ++d) o[d] = xf[d] + gf[d] * yf[d];
+      gated_fwd_row(xf, gf, yf, D, o);
       if (!std::is_same<T, float>::value) store_row<T>(op + row * D, ob, D);
     }
   });
@@ -325,13 +392,10 @@ void cpu_gated_bwd(const at::Tensor& dout, const ModView& gate, const at::Tensor
         const float* yf = as_float<Y>(yp + row * D, D, yb);
         if (tok) gf = as_float<M>(gp + b * gate.sb + n * gate.sn, D, gb);
         float* dyo = std::is_same<Y, float>::value ? reinterpret_cast<float*>(dyp + row * D) : u;
-        for (int64_t d = 0; d < D; ++d) {
-          t[d] = of[d] * yf[d];
-          dyo[d] = gf[d] * of[d];
-        }
+        gated_bwd_row(of, yf, gf, D, t, dyo);
         if (!std::is_same<Y, float>::value) store_row<Y>(dyp + row * D, u, D);
         if (tok) store_row<M>(dgp + row * D, t, D);
-        else for (int64_t d = 0; d < D; ++d) acc[d] += t[d];
+        else accumulate(acc, t, D);
       }
     }
   });

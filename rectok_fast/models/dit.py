@@ -360,7 +360,10 @@ class DiTwDDTHead(nn.Module):
         s = self.s_embedder(x) + self.pos_embed
         for blk in self.blocks[: self.num_encoder_blocks]:
             s = blk(s, c, self.enc_feat_rope)
-        s = self.s_projector(F.silu(t_emb.unsqueeze(1) + s))
+        # Row-major (contiguous) input to s_projector, as the official t.repeat(1, N, 1) + s gives: the
+        # residual stream keeps the patch-embed's transposed layout, and a GEMM on that layout rounds
+        # differently (~1e-7 rel), which would break bit-parity with the official DiT^DH.
+        s = self.s_projector(F.silu(t_emb.unsqueeze(1) + s).contiguous())
         h = self.x_embedder(x)
         for blk in self.blocks[self.num_encoder_blocks:]:
             h = blk(h, s, self.dec_feat_rope)

@@ -172,6 +172,8 @@ class DeepSpeedEngine(Engine):
         trainable = [p for p in module.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt,
                                                                  model_parameters=trainable, config=cfg)
+        if self.zero_stage == 3:
+            _register_external_params(self.engine.module)
         self.module = self.engine.module
         self._base_opt = opt
 
@@ -216,3 +218,21 @@ def build_engine(module, lr, weight_decay, clip, device, ds_config: dict | None,
     if ds_config is not None:
         return DeepSpeedEngine(module, lr, weight_decay, clip, device, ds_config, bf16, micro_batch, name)
     return PlainEngine(module, lr, weight_decay, clip, device, name)
+
+
+def _register_external_params(root: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a parameter around its OWNING module's forward/backward. Parameters held
+    directly by container modules (position embeddings, mask/null tokens, ...) are often read by code
+    outside that window (passed to children, used after the forward returns), where a partitioned
+    parameter looks empty (DeepSpeed issue #876). Register them with the root module: they are
+    gathered for the whole forward/backward. They are small; the big Linear/Conv weights stay
+    partitioned per layer."""
+    import deepspeed
+    register_external_parameter = deepspeed.zero.register_external_parameter
+    for m in root.modules():
+        if m is root or not any(True for _ in m.children()):
+            continue
+        for p in m.parameters(recurse=False):
+            register_external_parameter(root, p)
+    for p in root.parameters(recurse=False):
+        register_external_parameter(root, p)

@@ -372,6 +372,8 @@ def run(args) -> dict:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     init_distributed(use_ds, device)
+    if os.environ.get("RECTOK_FAST_DETECT_ANOMALY"):
+        torch.autograd.set_detect_anomaly(True)
     if args.backend:
         ops.set_backend(args.backend)
     ds_cfg = load_ds_config(args.deepspeed_config) if use_ds else None
