@@ -69,3 +69,16 @@ def test_fused_extension_missing_is_a_clear_error(monkeypatch):
             ops.implementation_for("adaln_modulate", "cpu")
     with ops.use_backend("auto"):
         assert ops.implementation_for("adaln_modulate", "cpu") == "reference"
+
+
+def test_auto_falls_back_for_float64_and_fused_refuses_it():
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    w = torch.randn(8, dtype=torch.float64)
+    mod = torch.randn(2, 8, dtype=torch.float64)
+    with ops.use_backend("auto"):
+        out = ops.adaln_modulate(x, w, mod, mod)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ops.reference.adaln_modulate(x, w, mod, mod))
+    with ops.use_backend("fused"):
+        with pytest.raises(backend.BackendUnavailable, match="float32 or bfloat16"):
+            ops.adaln_modulate(x, w, mod, mod)

@@ -33,7 +33,7 @@ def implementation_for(op: str, device: torch.device | str = "cpu") -> str:
 
 
 def flow_interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, return_velocity: bool = False):
-    if choose("flow_interpolate", "triton", x.device) == "reference":
+    if choose("flow_interpolate", "triton", x.device, x.dtype) == "reference":
         return reference.flow_interpolate(x, noise, t, return_velocity=return_velocity)
     from rectok_fast.kernels.flow_interpolate import flow_interpolate as fused
     return fused(x, noise, t, return_velocity=return_velocity)
@@ -42,7 +42,7 @@ flow_interpolate.__doc__ = reference.flow_interpolate.__doc__
 
 def posterior_flow_noise(moments: torch.Tensor, eps_post: torch.Tensor, eps_flow: torch.Tensor,
                          tau: torch.Tensor, gamma: float = 1.0):
-    if choose("posterior_flow_noise", "triton", moments.device) == "reference":
+    if choose("posterior_flow_noise", "triton", moments.device, moments.dtype) == "reference":
         return reference.posterior_flow_noise(moments, eps_post, eps_flow, tau, gamma)
     from rectok_fast.kernels.posterior_flow import posterior_flow_noise as fused
     return fused(moments, eps_post, eps_flow, tau, gamma)
@@ -50,7 +50,7 @@ posterior_flow_noise.__doc__ = reference.posterior_flow_noise.__doc__
 
 
 def cosine_distill_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-    if choose("cosine_distill_loss", "triton", pred.device) == "reference":
+    if choose("cosine_distill_loss", "triton", pred.device, pred.dtype) == "reference":
         return reference.cosine_distill_loss(pred, target, ids)
     from rectok_fast.kernels.cosine_distill import cosine_distill_loss as fused
     return fused(pred, target, ids)
@@ -59,7 +59,7 @@ cosine_distill_loss.__doc__ = reference.cosine_distill_loss.__doc__
 
 def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                    eps: float = 1e-6) -> torch.Tensor:
-    if choose("adaln_modulate", "extension", x.device) == "reference":
+    if choose("adaln_modulate", "extension", x.device, x.dtype) == "reference":
         return reference.adaln_modulate(x, weight, shift, scale, eps)
     from rectok_fast.ops import adaln_ext
     return adaln_ext.adaln_modulate(x, weight, shift, scale, eps)
@@ -67,7 +67,7 @@ adaln_modulate.__doc__ = reference.adaln_modulate.__doc__
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if choose("gated_residual", "extension", x.device) == "reference":
+    if choose("gated_residual", "extension", x.device, x.dtype) == "reference":
         return reference.gated_residual(x, gate, y)
     from rectok_fast.ops import adaln_ext
     return adaln_ext.gated_residual(x, gate, y)

@@ -135,13 +135,18 @@ def _announce(op: str, choice: str, why: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def choose(op: str, family: str, device: torch.device) -> str:
-    """Return 'reference', 'triton' or 'extension' for ``op`` on tensors living on ``device``."""
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def choose(op: str, family: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Return 'reference', 'triton' or 'extension' for ``op`` on tensors of ``dtype`` on ``device``."""
     fast = {"triton": "triton", "extension": "extension"}[family]
     why_not = _why_triton_cannot_run if family == "triton" else _why_extension_cannot_run
     if _backend == "reference":
         return "reference"
     reason = why_not(device)
+    if reason is None and dtype is not None and dtype not in FUSED_DTYPES:
+        reason = f"the fused kernels take float32 or bfloat16 activations, not {dtype}"
     if _backend == "fused":
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend 'fused' was requested but cannot run: {reason}. "

@@ -121,6 +121,7 @@ class Engine:
 class PlainEngine(Engine):
     def __init__(self, module, lr, weight_decay, clip, device, name="model"):
         self.module, self.clip, self.name = module, float(clip), name
+        self.call = module
         self.optimizer = build_adamw(module, lr, weight_decay, device)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -175,6 +176,7 @@ class DeepSpeedEngine(Engine):
         if self.zero_stage == 3:
             _register_external_params(self.engine.module)
         self.module = self.engine.module
+        self.call = self.engine       # forward through the engine (ZeRO-3 per-step fetch/trace bookkeeping)
         self._base_opt = opt
 
     def _optimizers(self):

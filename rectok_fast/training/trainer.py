@@ -162,6 +162,7 @@ class TokenizerTask:
             # D runs inside the fp32 loss module (autocast off, as officially): never bf16
             self.D = build_engine(self.loss.discriminator, lr, args.weight_decay, args.clip_grad, self.device,
                                   ds_cfg, False, args.batch_size, "D")
+            self.loss.discriminator = self.D.call    # the loss module calls D through its engine
         return [e for e in (self.G, self.D) if e is not None]
 
     def forward_losses(self, chunks, step, epoch_f, autocast):
@@ -198,7 +199,7 @@ class TokenizerTask:
         return logs
 
     def fwd(self, images):
-        return self.model(images)
+        return self.G.call(images)
 
     @torch.no_grad()
     def final_images(self, args, ema, path, rank, engine_ctx):
@@ -328,7 +329,7 @@ class DiTTask:
         return {"loss": float(sum(l.detach().float() for l in losses) / len(losses)), "grad_norm": gnorm}
 
     def fwd(self, x, t, y):
-        return self.model(x, t, y)
+        return self.G.call(x, t, y)
 
     @torch.no_grad()
     def final_images(self, args, ema, path, rank, engine_ctx):
@@ -431,7 +432,10 @@ def run(args) -> dict:
         ema.load(task.init_ema_state, strict=False)
     engines = task.engines(args, args.lr, ds_cfg, bf16)
     if args.compile:
-        task.fwd = torch.compile(task.model)
+        if use_ds:
+            engines[0].engine.compile()
+        else:
+            engines[0].call = torch.compile(engines[0].module)
 
     # ---- resume
     ck_root = os.path.join(args.output_dir, "checkpoints")
