@@ -64,7 +64,7 @@ setup(
     name="rectok_fast",
     version="0.1.0",
     description="Fast, drop-in training stack for RecTok (Reconstruction Distillation along Rectified Flow)",
-    packages=["rectok_fast", "rectok_fast.ops", "rectok_fast.models", "rectok_fast.kernels"],
+    packages=["rectok_fast", "rectok_fast.ops", "rectok_fast.models", "rectok_fast.training", "rectok_fast.kernels"],
     package_dir={"rectok_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[

@@ -111,6 +111,9 @@ class Engine:
         """Context in which every parameter of ``module`` holds its full value (ZeRO-3 gathers)."""
         return contextlib.nullcontext()
 
+    def reset_zero3_trace(self):
+        pass
+
     def save(self, folder: str, tag: str) -> None:
         raise NotImplementedError
 
@@ -213,6 +216,20 @@ class DeepSpeedEngine(Engine):
                                               load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}/{tag}")
+        self.reset_zero3_trace()
+
+    def reset_zero3_trace(self):
+        """ZeRO-3 records the order in which submodules fetch parameters and prefetches by it; gathers
+        outside a training step (checkpoint load, export, EMA) leave that record stale ("tracing error
+        at step N"). Invalidate it: the next step re-records."""
+        if self.zero_stage != 3:
+            return
+        offload = getattr(self.engine.optimizer, "parameter_offload", None)
+        if offload is not None:
+            coord = offload.get_param_coordinator()
+            if coord.is_complete_trace():
+                coord._invalidate_trace()
+            coord.reset_step()
 
 
 def build_engine(module, lr, weight_decay, clip, device, ds_config: dict | None, bf16: bool, micro_batch: int,

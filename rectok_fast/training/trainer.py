@@ -162,7 +162,7 @@ class TokenizerTask:
             # D runs inside the fp32 loss module (autocast off, as officially): never bf16
             self.D = build_engine(self.loss.discriminator, lr, args.weight_decay, args.clip_grad, self.device,
                                   ds_cfg, False, args.batch_size, "D")
-            self.loss.discriminator = self.D.call    # the loss module calls D through its engine
+            # the loss module calls the raw D module (G's backward must not trigger D's engine hooks)
         return [e for e in (self.G, self.D) if e is not None]
 
     def forward_losses(self, chunks, step, epoch_f, autocast):
@@ -491,6 +491,8 @@ def run(args) -> dict:
         for e in engines:
             e.save(folder, e.name)
         states = [_full_state(e, e.module) for e in engines]
+        for e in engines:
+            e.reset_zero3_trace()
         if rank == 0:
             from rectok_fast.checkpoint import atomic_torch_save, export_official_checkpoint
             atomic_torch_save(ema.state_dict(), os.path.join(folder, "ema.pt"))
