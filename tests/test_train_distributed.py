@@ -91,7 +91,7 @@ def test_demo_command_end_to_end(tmp_path):
         assert os.path.exists(os.path.join(out, f)), f
     ck = torch.load(os.path.join(out, "final.pth"), map_location="cpu", weights_only=True)
     assert {"model", "model_ema", "epoch", "discriminator"} <= set(ck)
-    assert "encoder.positional_embedding" in ck["model"] and "decoder.ffn.0.weight" not in ck["model_ema"] or True
+    assert "encoder.positional_embedding" in ck["model"] and "encoder.positional_embedding" in ck["model_ema"]
     assert len(metrics(out)) == 6
 
 
@@ -119,7 +119,7 @@ def _reference(argv, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, zero, port", [("tokenizer", 2, 29711), ("dit", 1, 29712)])
+@pytest.mark.parametrize("stage, zero, port", [("tokenizer", 2, 29711), ("dit", 1, 29712), ("tokenizer", 3, 29713)])
 def test_reference_path_equivalence(tmp_path, stage, zero, port):
     """20 steps, lr 1e-3 (Adam: a step moves each weight by <= ~lr). Tolerances: losses rel 1e-4; weights
     abs 2e-4 = 20 steps x lr x 1% -- differences come only from float rounding (fused vs reference
@@ -138,8 +138,7 @@ def test_reference_path_equivalence(tmp_path, stage, zero, port):
 def test_zero3_resume_after_sigkill_matches_uninterrupted(tmp_path):
     """ZeRO-3, 2 processes, dit stage: SIGKILL rank 0 after step 6 (checkpoint at 4; step 8's never
     starts), resume from the latest COMPLETE checkpoint, and reproduce the uninterrupted loss
-    trajectory (same data order, RNG streams and LR). (The tokenizer stage under ZeRO-3 waits on a
-    tokenizer change: its Encoder returns a dataclass, which DeepSpeed's backward hooks cannot see.)"""
+    trajectory (same data order, RNG streams and LR)."""
     cfg = ds_config(tmp_path, 3)
     argv = ["--preset", "tiny", "--stage", "dit", "--batch_size", "2", "--max_steps", "10", "--ckpt_every", "4", "--seed", "3",
             "--deepspeed_config", cfg, "--no_progress"]

@@ -17,6 +17,7 @@ import math
 import random
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -188,8 +189,9 @@ class DepthToSpacePC(nn.Module):
 # encoder / decoders
 
 
-@dataclass
-class EncoderOutput:
+class EncoderOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 attaches its backward hooks to tensors it
+    finds in tuples/lists/dicts returned by modules, and misses them inside dataclasses."""
     moments: torch.Tensor                 # (B, L, 2C) = [mean | logvar]
     ids_restore: torch.Tensor | None
     ids_keep: torch.Tensor | None
@@ -336,9 +338,9 @@ class MLPSemDecoder(nn.Module):
 # the tokenizer
 
 
-@dataclass
-class TokenizerOutput:
-    """What a forward pass gives the losses. Images are in [-1, 1]."""
+class TokenizerOutput(NamedTuple):
+    """What a forward pass gives the losses. Images are in [-1, 1]. (A NamedTuple for ZeRO-3,
+    see :class:`EncoderOutput`.)"""
     recon: torch.Tensor                       # (B, 3, H, W), no clamp
     kl: torch.Tensor                          # (B,) per-sample KL over the visible tokens, fp32
     z: torch.Tensor                           # (B, L, C) posterior sample (mean in eval), fp32
@@ -348,8 +350,8 @@ class TokenizerOutput:
     ids_restore: torch.Tensor | None
     ids_keep: torch.Tensor | None
     ids_masked: torch.Tensor | None           # (B, N - L) long, None without masking
-    sem_pred: dict = field(default_factory=dict)     # teacher -> (B, N, Dt)
-    sem_target: dict = field(default_factory=dict)   # teacher -> (B, N, Dt), no grad
+    sem_pred: dict                            # teacher -> (B, N, Dt); empty without semantic decoders
+    sem_target: dict                          # teacher -> (B, N, Dt), no grad
     sem_mode: str = "rec+align"
 
 
