@@ -98,11 +98,23 @@ def plot_losses(out_dir: str, keys=None, path: str | None = None) -> str | None:
 
 
 def save_image_grid(rows, path: str, labels=None) -> str:
-    """rows: list of (N,3,H,W) tensors in [0,1]; one row each -> PNG."""
+    """rows: list of (N,3,H,W) tensors in [0,1]; one row each -> PNG. ``labels`` (one per row) are
+    written in a column on the left, so a reader knows which row is the input and which the output."""
     import numpy as np
     import torch
-    from PIL import Image
+    from PIL import Image, ImageDraw
     grid = torch.cat([torch.cat(list(r.detach().float().clamp(0, 1).cpu()), dim=2) for r in rows], dim=1)
-    arr = (grid.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    img = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    if labels:
+        if len(labels) != len(rows):
+            raise ValueError(f"save_image_grid: {len(labels)} labels for {len(rows)} rows")
+        row_h, pad = rows[0].shape[-2], 8
+        width = pad + 6 * max(len(t) for t in labels)     # PIL's default bitmap font is ~6 px per char
+        canvas = Image.new("RGB", (img.width + width, img.height), "white")
+        canvas.paste(img, (width, 0))
+        draw = ImageDraw.Draw(canvas)
+        for i, text in enumerate(labels):
+            draw.text((pad // 2, i * row_h + row_h // 2 - 5), text, fill="black")
+        img = canvas
+    img.save(path)
     return path

@@ -227,7 +227,7 @@ class TokenizerTask:
         ema_model.load_state_dict(sd, strict=False)
         ema_model.eval()
         rec_ema = ema_model.reconstruct(x).float()
-        return save_image_grid([x * 0.5 + 0.5, raw, rec_ema], path)
+        return save_image_grid([x * 0.5 + 0.5, raw, rec_ema], path, labels=["input", "recon", "EMA recon"])
 
 
 class DiTTask:
