@@ -2,7 +2,7 @@
 and of the bf16 matmul rate measured in the same run, and speed-up of the fused path over the eager
 and compiled baselines within each benchmark group.
 
-    python benchmarks/summarize.py benchmarks/results/<run>/benchmarks.json > summary.md
+    python benchmarks/summarize.py benchmarks/results/<run>/bench_*.json > summary.md
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ def _impl(b: dict) -> str:
     if info.get("impl"):
         return str(info["impl"])
     name = b.get("name", "").lower()
-    for key in ("fused", "compiled", "eager", "reference", "cpp", "triton", "torch"):
+    # The eager baseline is the reference op itself; "compile" marks torch.compile(reference).
+    for key, impl in (("fused", "fused"), ("compile", "compiled"), ("eager", "eager"), ("reference", "eager"),
+                      ("dali", "dali"), ("torch", "torch")):
         if key in name:
-            return key
+            return impl
     return "?"
 
 
@@ -28,9 +30,10 @@ def _pct(data: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def summarize(path: str) -> str:
-    doc = json.load(open(path))
-    cal = doc.get("rectok_fast_calibration", {})
+def summarize(*paths: str) -> str:
+    docs = [json.load(open(p)) for p in paths]
+    doc = {"benchmarks": [b for d in docs for b in d.get("benchmarks", [])]}
+    cal = next((d["rectok_fast_calibration"] for d in docs if d.get("rectok_fast_calibration")), {})
     lines = [f"# Benchmarks: {cal.get('device', '?')} (torch {cal.get('torch')}, triton {cal.get('triton')})", ""]
     if cal:
         lines.append(f"copy bandwidth {cal.get('copy_bytes_per_s', 0) / 1e9:.0f} GB/s, "
@@ -40,7 +43,7 @@ def summarize(path: str) -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     groups: dict[str, list[dict]] = {}
     for b in doc.get("benchmarks", []):
-        groups.setdefault(b.get("group") or "", []).append(b)
+        groups.setdefault(b.get("group") or b.get("name", "").split("[")[0], []).append(b)
     for g, items in groups.items():
         med = {}
         for b in items:
@@ -58,4 +61,4 @@ def summarize(path: str) -> str:
 
 
 if __name__ == "__main__":
-    print(summarize(sys.argv[1]))
+    print(summarize(*sys.argv[1:]))

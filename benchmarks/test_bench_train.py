@@ -78,6 +78,8 @@ def test_train_step(benchmark, stage, mode, bench_device):
         step()
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
+        benchmark.group = f"train step {stage}"
+        benchmark.extra_info["impl"] = {"reference": "eager", "fused": "fused", "compile": "compiled"}[mode]
         benchmark.pedantic(sync_wrap(step), rounds=5 if not CUDA else 10, iterations=1)
     peak = (torch.cuda.max_memory_allocated() if CUDA
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
