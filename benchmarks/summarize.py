@@ -15,7 +15,8 @@ IMPLS = ("fused", "compiled", "eager", "reference")
 def _impl(b: dict) -> str:
     info = b.get("extra_info") or {}
     if info.get("impl"):
-        return str(info["impl"])
+        impl = str(info["impl"])
+        return {"reference": "eager", "compile": "compiled"}.get(impl, impl)
     name = b.get("name", "").lower()
     # The eager baseline is the reference op itself; "compile" marks torch.compile(reference).
     for key, impl in (("fused", "fused"), ("compile", "compiled"), ("eager", "eager"), ("reference", "eager"),
