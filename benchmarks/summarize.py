@@ -40,8 +40,8 @@ def summarize(*paths: str) -> str:
         lines.append(f"copy bandwidth {cal.get('copy_bytes_per_s', 0) / 1e9:.0f} GB/s, "
                      f"bf16 matmul {cal.get('bf16_matmul_flops_per_s', 0) / 1e12:.0f} TFLOP/s (measured in this run)")
         lines.append("")
-    lines.append("| group | benchmark | impl | p20 ms | p50 ms | p80 ms | of copy | of bf16 mm | speed-up vs eager | vs compiled |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| group | benchmark | impl | p20 ms | p50 ms | p80 ms | of copy | of bf16 mm | speed-up vs eager | vs compiled | notes |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     groups: dict[str, list[dict]] = {}
     for b in doc.get("benchmarks", []):
         groups.setdefault(b.get("group") or b.get("name", "").split("[")[0], []).append(b)
@@ -57,7 +57,13 @@ def summarize(*paths: str) -> str:
             frac_m = f"{info['fraction_of_bf16_matmul']:.0%}" if "fraction_of_bf16_matmul" in info else ""
             vs_e = f"{med['eager'] / st['median']:.2f}x" if "eager" in med and impl != "eager" else ""
             vs_c = f"{med['compiled'] / st['median']:.2f}x" if "compiled" in med and impl != "compiled" else ""
-            lines.append(f"| {g} | {b['name']} | {impl} | {p20:.3f} | {p50:.3f} | {p80:.3f} | {frac_c} | {frac_m} | {vs_e} | {vs_c} |")
+            notes = []
+            if info.get("batch"):        # training steps: throughput and memory
+                notes.append(f"{info['batch'] / st['median']:.1f} img/s")
+            if info.get("peak_memory_bytes"):
+                notes.append(f"peak {info['peak_memory_bytes'] / 2**30:.2f} GiB ({info.get('peak_memory_kind', '')})")
+            lines.append(f"| {g} | {b['name']} | {impl} | {p20:.3f} | {p50:.3f} | {p80:.3f} | {frac_c} | {frac_m} "
+                         f"| {vs_e} | {vs_c} | {'; '.join(notes)} |")
     return "\n".join(lines)
 
 
