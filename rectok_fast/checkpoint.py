@@ -88,21 +88,23 @@ def select_state_dict(ckpt: Mapping, which: str = "model_ema") -> dict:
     raise CheckpointError(f"checkpoint has no {which!r} entry (top-level keys: {sorted(map(str, ckpt))[:20]})")
 
 
-def _persistent_buffer_names(model: nn.Module) -> set[str]:
-    sd_keys = set(model.state_dict().keys())
-    return {name for name, _ in model.named_buffers() if name in sd_keys}
+def _persistent_buffer_names(model: nn.Module, own: Mapping) -> set[str]:
+    """Buffers that ``own`` (the model's state dict) carries, i.e. the persistent ones."""
+    return {name for name, _ in model.named_buffers() if name in own}
 
 
 def match_state_dict(model: nn.Module, state: Mapping, which: str = "model",
-                     ignore_prefixes: tuple[str, ...] = ()) -> tuple[dict, list, list, list]:
-    """Compare ``state`` with ``model.state_dict()``; returns (filtered state, missing, unexpected,
-    shape mismatches). EMA dicts have no buffers, so for which='model_ema' missing persistent
-    buffers are not reported (they keep the model's values)."""
-    own = model.state_dict()
+                     ignore_prefixes: tuple[str, ...] = (), own: Mapping | None = None
+                     ) -> tuple[dict, list, list, list]:
+    """Compare ``state`` with ``model.state_dict()`` (pass it as ``own`` if you have it); returns
+    (filtered state, missing, unexpected, shape mismatches). EMA dicts have no buffers, so for
+    which='model_ema' missing persistent buffers are not reported (they keep the model's values)."""
+    if own is None:
+        own = model.state_dict()
     state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore_prefixes)}
     missing = [k for k in own if k not in state]
     if which == "model_ema":
-        buffers = _persistent_buffer_names(model)
+        buffers = _persistent_buffer_names(model, own)
         missing = [k for k in missing if k not in buffers]
     unexpected = [k for k in state if k not in own]
     shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in state
@@ -134,11 +136,11 @@ def load_official_checkpoint(path_or_dict, model: nn.Module, which: str = "model
     state = select_state_dict(ckpt, which)
     if ignore_prefixes is None:
         ignore_prefixes = tuple(getattr(model, "official_ignored_prefixes", ()))
-    state, missing, unexpected, shapes = match_state_dict(model, state, which, ignore_prefixes)
+    own = model.state_dict()
+    state, missing, unexpected, shapes = match_state_dict(model, state, which, ignore_prefixes, own)
     if shapes or (strict and (missing or unexpected)):
         raise CheckpointError(f"{source}[{which!r}] does not match {type(model).__name__}:"
                               + _format_problems(missing, unexpected, shapes))
-    own = model.state_dict()
     with torch.no_grad():
         for k, v in state.items():
             if k in own:
@@ -146,17 +148,23 @@ def load_official_checkpoint(path_or_dict, model: nn.Module, which: str = "model
     return ckpt if isinstance(ckpt, dict) else dict(ckpt)
 
 
+def _cpu_copy(items) -> dict:
+    """Own CPU copies: no shared/flattened storages end up in the file, and a large model's copy
+    never doubles its GPU memory."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in items}
+
+
 def _ema_state(ema_model) -> dict:
     """Official 'model_ema' = {name: tensor} over named_parameters only."""
     if isinstance(ema_model, nn.Module):
-        return {k: v.detach().clone() for k, v in ema_model.named_parameters()}
-    return {k: v.detach().clone() for k, v in dict(ema_model).items()}
+        return _cpu_copy(ema_model.named_parameters())
+    return _cpu_copy(dict(ema_model).items())
 
 
 def export_official_checkpoint(model: nn.Module, path, ema_model=None, **extra) -> None:
     """Write {'model': state_dict, 'model_ema': parameters (of ``ema_model``, default the model),
     **extra} atomically, in the official layout (so official code and our loader read it)."""
-    ckpt = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    ckpt = {"model": _cpu_copy(model.state_dict().items()),
             "model_ema": _ema_state(ema_model if ema_model is not None else model)}
     for k in extra:
         if k in ckpt:

@@ -420,8 +420,9 @@ class DaliDecoder:
             img = fn.resize(img, resize_x=rx, resize_y=ry, interp_type=types.INTERP_CUBIC, antialias=True)
             img = fn.slice(img, anchor, np.array([size, size], np.float32), axis_names="WH",
                            normalized_anchor=False, normalized_shape=False)
+            # named (argument) inputs must stay on the CPU, also for GPU operators
             return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3,
-                                            std=[127.5] * 3, mirror=flip.gpu() if gpu else flip)
+                                            std=[127.5] * 3, mirror=flip)
         self.pipe = pipe()
         self.pipe.build()
 

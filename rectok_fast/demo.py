@@ -29,7 +29,7 @@ def main(argv=None) -> str:
 
     from rectok_fast.checkpoint import load_official_checkpoint, safe_torch_load
     from rectok_fast.models.teacher import loud_warning
-    from rectok_fast.models.tokenizer import PRESETS, build_tokenizer
+    from rectok_fast.models.tokenizer import DECODE_ONLY_IGNORED_PREFIXES, PRESETS, build_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
@@ -45,7 +45,8 @@ def main(argv=None) -> str:
     if args.checkpoint:
         ckpt = safe_torch_load(args.checkpoint)
         which = "model_ema" if "model_ema" in ckpt else "model"
-        load_official_checkpoint(ckpt, tok, which=which, strict=True)
+        # teachers={}: a stage-1 file's teacher and semantic decoders are not needed to reconstruct
+        load_official_checkpoint(ckpt, tok, which=which, strict=True, ignore_prefixes=DECODE_ONLY_IGNORED_PREFIXES)
     else:
         loud_warning(f"demo: {args.preset} has RANDOM weights (no --checkpoint); reconstructions will be noise.")
     tok.eval()

@@ -149,6 +149,13 @@ def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, gu
     """
     if guidance == "none" or not _in_interval(float(t[0]), interval):
         return model(x, t, y)
+    return _guided(model, x, t, y, guidance, scale, guide_model)
+
+
+def _guided(model, x, t, y, guidance: str, scale: float, guide_model) -> torch.Tensor:
+    """guided_velocity without the interval test (which needs t on the host)."""
+    if guidance == "none":
+        return model(x, t, y)
     if guidance == "cfg":
         null = torch.full_like(y, model.num_classes)
         v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
@@ -213,7 +220,9 @@ def sample_latents(model, labels: torch.Tensor, num_steps: int = 150, shift: flo
         steps = tqdm(steps, desc="euler", leave=False)
     for i in steps:
         t = torch.full((x.shape[0],), grid[i], device=device)
+        # The interval test uses the host copy of t: float(t[0]) would sync the GPU every step.
+        g = guidance if _in_interval(grid[i], interval) else "none"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            v = guided_velocity(model, x, t, y, guidance, scale, guide_model, interval)
+            v = _guided(model, x, t, y, g, scale, guide_model)
         x = x + (grid[i + 1] - grid[i]) * v.float()
     return x

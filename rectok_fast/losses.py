@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from rectok_fast import ops
 from rectok_fast.models.discriminator import NLayerDiscriminator
+from rectok_fast.models.tokenizer import SEM_TARGETS
 
 RECONSTRUCTION_LOSSES = ("l2", "l1", "l2+l1")
-SEM_TARGETS = ("rec+align", "align", "reconstruction")
 
 STAGE_DEFAULTS = {
     # stage 1 (run_train_tokenizer.sh)
@@ -141,7 +141,8 @@ class RecTokLoss(nn.Module):
             "gan_loss": gan.detach(),
             "weighted_gan_loss": (self.disc_weight * factor * gan).detach(),
             "discriminator_factor": factor,
-            "psnr": (-10 * torch.log10(rec.detach())) if self.reconstruction_loss == "l2" else float("nan"),
+            # batch PSNR on [0, 1] images from the raw MSE, so it does not depend on the loss kind or weight
+            "psnr": -10 * torch.log10(F.mse_loss(x01.detach(), r01.detach())),
         }
         return total, logs
 

@@ -144,14 +144,14 @@ def load_dit(path: str, preset: str, device: torch.device, what: str = "DiT"):
 def load_tokenizer(path: str, preset: str, weights: str, device: torch.device):
     """The decoding tokenizer; the semantic decoders / teacher of a stage-1 file are not needed and skipped."""
     from rectok_fast.checkpoint import safe_torch_load
-    from rectok_fast.models.tokenizer import build_tokenizer
+    from rectok_fast.models.tokenizer import DECODE_ONLY_IGNORED_PREFIXES, build_tokenizer
     ckpt = safe_torch_load(require_file(path, "tokenizer"))
     if not isinstance(ckpt, dict):
         raise SampleError(f"tokenizer checkpoint {path} is not a dict")
     which = weights if weights != "auto" else ("model_ema" if "model_ema" in ckpt else "model")
     with torch.device(device):
         tok = build_tokenizer(preset, teachers={})
-    tok.sampling_ignored_prefixes = ("sem_foundation_models.", "sem_decoders.")
+    tok.sampling_ignored_prefixes = DECODE_ONLY_IGNORED_PREFIXES
     _load_weights(ckpt, path, tok, which, "tokenizer")
     return tok.to(device).eval()
 
@@ -306,8 +306,7 @@ def run(argv=None) -> tuple[list[str], str]:
     device = pick_device(args.device)
     if args.batch_size < 1:
         raise SampleError(f"--batch-size must be >= 1, got {args.batch_size}")
-    tok, dit, guide, random_mode = resolve_models(args, device)
-    check_latent_match(tok, dit, guide)
+    tok, dit, guide, random_mode = resolve_models(args, device)   # checks the latent shapes
     labels = label_schedule(parse_labels(args.labels, dit.num_classes), args.num_images)
     paths, grid = generate(tok, dit, labels, args, guide)
     note = "  (RANDOM MODELS: these images are noise)" if random_mode else ""

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from rectok_fast import ops
 from rectok_fast.models.layers import SwiGLU
-
-
+# Only the adjacent-pair rotation is shared with the tokenizer; its RoPE *table* is a different one.
+from rectok_fast.models.rope import rotate_half as rotate_half_pairs
 
 # ----------------------------------------------------------------------------------------------------
 # configuration
@@ -137,12 +137,6 @@ def rope_2d_tables(head_dim: int, grid_size: int, theta: float = 10000.0, device
     angles = torch.cat([axis[:, None, :].expand(g, g, half), axis[None, :, :].expand(g, g, half)], dim=-1)
     angles = angles.reshape(g * g, head_dim)
     return angles.cos(), angles.sin()
-
-
-def rotate_half_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): rotation of adjacent pairs."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
 class RotaryEmbedding2D(nn.Module):

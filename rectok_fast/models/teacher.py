@@ -55,6 +55,14 @@ def to_uint8_levels(images: torch.Tensor) -> torch.Tensor:
     return (x01 * 255).clamp(0, 255).to(torch.uint8).float()
 
 
+def _normalize_then_resize(x: torch.Tensor, out_size: int, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel, then bilinear (no antialias) to ``out_size``: the shared tail of
+    both teacher pipelines."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return F.interpolate((x - m) / s, size=(out_size, out_size), mode="bilinear", align_corners=False)
+
+
 def dinov3_preprocess(images: torch.Tensor, out_size: int, resize: int = 224,
                       mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Official DINOv3 input: uint8 levels -> rescale 1/255 -> bilinear antialiased resize to
@@ -62,10 +70,7 @@ def dinov3_preprocess(images: torch.Tensor, out_size: int, resize: int = 224,
     normalize -> bilinear (no antialias) back to ``out_size``."""
     x = to_uint8_levels(images) * (1.0 / 255.0)
     x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False, antialias=True)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    x = (x - m) / s
-    return F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return _normalize_then_resize(x, out_size, mean, std)
 
 
 def dinov2_preprocess(images: torch.Tensor, out_size: int, resize: int = 518,
@@ -76,10 +81,7 @@ def dinov2_preprocess(images: torch.Tensor, out_size: int, resize: int = 518,
     ``vit_large_patch14_dinov2.lvd142m`` config; verify against your timm install."""
     x = (images.float() + 1) * 0.5
     x = F.interpolate(x, size=(resize, resize), mode="bicubic", align_corners=False, antialias=True)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    x = (x - m) / s
-    return F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return _normalize_then_resize(x, out_size, mean, std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def read_teacher_weights(path: str, kind: str = "dinov3") -> tuple[dict, dict]:
         state = _read_weight_file(path)
     else:
         raise FileNotFoundError(f"teacher weights not found: {path}")
-    if kind == "dinov3" and looks_like_hf_dinov3(state) or any(k.startswith("sem_foundation_models.") for k in state):
+    if (kind == "dinov3" and looks_like_hf_dinov3(state)) or any(k.startswith("sem_foundation_models.") for k in state):
         state = convert_hf_dinov3_to_timm(state)
     return state, pre
 

@@ -12,10 +12,8 @@ tau = 1 is pure noise (:data:`rectok_fast.flow.TAU_IS_NOISE`).
 """
 from __future__ import annotations
 
-import logging
 import math
 import random
-import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -26,8 +24,6 @@ from rectok_fast import ops
 from rectok_fast.flow import NOISE_SCHEDULES, sample_tokenizer_noise_level, timestep_shift
 from rectok_fast.models.layers import NORM_EPS, Block
 from rectok_fast.models.rope import rope_table
-
-logger = logging.getLogger("rectok_fast.tokenizer")
 
 # models/model_utils.py SIZE_DICT: width, layers, heads
 SIZE_DICT = {
@@ -42,6 +38,10 @@ SIZE_DICT = {
 SEM_TARGETS = ("rec+align", "align", "reconstruction")
 SEM_DECODER_TYPES = ("transformer", "mlp")
 SEM_INPUT_TYPES = ("noisy", "clean")
+
+# Checkpoint prefixes a decode-only tokenizer (built with teachers={}) skips: the frozen teacher and the
+# semantic decoders of a stage-1 file.
+DECODE_ONLY_IGNORED_PREFIXES = ("sem_foundation_models.", "sem_decoders.")
 
 # Teacher feature widths of the official foundation models (DINOv3 ViT-L/16, DINOv2 ViT-L/14).
 OFFICIAL_TEACHER_DIMS = {"dinov3": 1024, "dinov2": 1024}
@@ -418,6 +418,11 @@ class RecTok(nn.Module):
         if got != dim:
             raise ValueError(f"teacher {name!r} gives {got}-dim features, the semantic decoder predicts {dim}")
         teacher.eval().requires_grad_(False)
+        # _apply only moves teachers attached before a .to()/.cuda(); one attached afterwards would stay
+        # on its own device and fail on the first batch.
+        device = self.encoder.positional_embedding.device
+        if device.type != "meta":
+            teacher.to(device)
         self.teachers[name] = teacher
 
     def _apply(self, fn, recurse=True):
@@ -459,15 +464,16 @@ class RecTok(nn.Module):
         moments = enc.moments
         b, l, two_c = moments.shape
         c = two_c // 2
-        eps_post = (torch.randn(b, l, c, device=moments.device) if sampling
-                    else torch.zeros(b, l, c, device=moments.device))
+        dev = moments.device
         noisy = self.training and self.gamma > 0.0
+        zeros = None if (sampling and noisy) else torch.zeros(b, l, c, device=dev)   # read-only, shared
+        eps_post = torch.randn(b, l, c, device=dev) if sampling else zeros
         if noisy:
-            tau = sample_tokenizer_noise_level(b, self.noise_schedule, self.timestep_shift, device=moments.device)
-            eps_flow = torch.randn(b, l, c, device=moments.device)
+            tau = sample_tokenizer_noise_level(b, self.noise_schedule, self.timestep_shift, device=dev)
+            eps_flow = torch.randn(b, l, c, device=dev)
         else:
-            tau = torch.zeros(b, device=moments.device)
-            eps_flow = torch.zeros(b, l, c, device=moments.device)
+            tau = torch.zeros(b, device=dev)
+            eps_flow = zeros
         z, z_tau, kl = ops.posterior_flow_noise(moments, eps_post, eps_flow, tau, self.gamma)
         sem_input = z_tau if (noisy and self.sem_input_type == "noisy") else z
         return dict(z_latents=z_tau, sem_input=sem_input, z=z, kl=kl, tau=tau, moments=moments,
@@ -541,9 +547,8 @@ class RecTok(nn.Module):
                              f"got {tuple(moments.shape)}")
         b, n, _ = moments.shape
         c = self.token_channels
-        eps = (torch.randn(b, n, c, device=moments.device, generator=generator) if sample
-               else torch.zeros(b, n, c, device=moments.device))
         zeros = torch.zeros(b, n, c, device=moments.device)
+        eps = torch.randn(b, n, c, device=moments.device, generator=generator) if sample else zeros
         z, _, _ = ops.posterior_flow_noise(moments, eps, zeros, torch.zeros(b, device=moments.device), 0.0)
         return self._tokens_to_grid(self.normalize_z(z))
 

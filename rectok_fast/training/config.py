@@ -166,6 +166,11 @@ def validate(args) -> None:
         bad(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.stage != "dit" and args.warmup_epochs > args.epochs:
         bad(f"--warmup_epochs ({args.warmup_epochs}) exceeds --epochs ({args.epochs})")
+    for name, lo in (("log_every", 1), ("ckpt_every", 0), ("max_steps", 0), ("num_workers", 0), ("keep_last", 0)):
+        if getattr(args, name) < lo:
+            bad(f"--{name} must be >= {lo}, got {getattr(args, name)}")
+    if args.loader == "dali" and not (args.data_path or args.file_list):
+        bad("--loader dali reads image files; give --data_path/--file_list (the demo photos need --loader torch)")
     if args.max_bad_steps < 1:
         bad("--max_bad_steps must be >= 1")
     if args.emulate_ranks < 1:

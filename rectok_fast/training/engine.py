@@ -46,8 +46,16 @@ def barrier() -> None:
 
 
 def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place sum (or ``op``) over all ranks. NCCL reduces only CUDA tensors, so a CPU tensor
+    (counters, log values) makes a round trip through the current GPU under it."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        op = op or dist.ReduceOp.SUM
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":
+            buf = t.cuda()
+            dist.all_reduce(buf, op=op)
+            t.copy_(buf)
+        else:
+            dist.all_reduce(t, op=op)
     return t
 
 
@@ -92,8 +100,9 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self) -> float:
-        """Clip + optimizer step + zero grads. Returns the global grad norm before clipping (nan if unknown)."""
+    def step(self):
+        """Clip + optimizer step + zero grads. Returns the global grad norm before clipping: a float or a
+        0-dim tensor (nan if unknown); a tensor is left unread so that the step does not wait for the GPU."""
         raise NotImplementedError
 
     def zero_grad(self) -> None:
@@ -146,7 +155,7 @@ class PlainEngine(Engine):
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else float("inf"))
         self.optimizer.step()
         self.zero_grad()
-        return float(norm)
+        return norm.detach()
 
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)

@@ -11,7 +11,9 @@ import time
 
 
 class MetricLogger:
-    def __init__(self, out_dir: str, enabled: bool = True, resume: bool = False):
+    def __init__(self, out_dir: str, enabled: bool = True, resume: bool = False, start_step: int = 0):
+        """``resume``: keep the earlier rows up to ``start_step``; rows a killed run logged after its last
+        checkpoint are dropped, since the resumed run logs those steps again."""
         self.enabled, self.out_dir = enabled, out_dir
         self.tb = None
         self.csv_path = None
@@ -21,11 +23,13 @@ class MetricLogger:
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        if not resume and os.path.exists(self.jsonl_path):
-            os.remove(self.jsonl_path)
+        if os.path.exists(self.jsonl_path):
+            kept = [r for r in read_metrics(out_dir) if r.get("step", 0) <= start_step] if resume else []
+            with open(self.jsonl_path, "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step + 1 if resume else None)
             self.backend = "tensorboard"
         except Exception:  # tensorboard not installed
             self.csv_path = os.path.join(out_dir, "metrics.csv")

@@ -204,18 +204,19 @@ class TokenizerTask:
     @torch.no_grad()
     def final_images(self, args, ema, path, rank, engine_ctx):
         from rectok_fast.data import adm_center_crop, build_source, demo_sample, load_rgb, to_tensor_pm1
-        src = build_source(args.data_path, args.file_list)
-        imgs = []
-        for i in range(min(8, len(src))):
-            if src.kind == "demo":
-                pil = demo_sample(i, args.img_size, args.seed, 0)
-            else:
-                try:
-                    pil = adm_center_crop(load_rgb(src.samples[i][0]), args.img_size)
-                except Exception:
-                    continue
-            imgs.append(to_tensor_pm1(np.asarray(pil)))
-        x = torch.stack(imgs).to(self.device)
+        if rank == 0:    # only rank 0 draws the grid; the others just take part in the ZeRO-3 gather
+            src = build_source(args.data_path, args.file_list)
+            imgs = []
+            for i in range(min(8, len(src))):
+                if src.kind == "demo":
+                    pil = demo_sample(i, args.img_size, args.seed, 0)
+                else:
+                    try:
+                        pil = adm_center_crop(load_rgb(src.samples[i][0]), args.img_size)
+                    except Exception:
+                        continue
+                imgs.append(to_tensor_pm1(np.asarray(pil)))
+            x = torch.stack(imgs).to(self.device)
         with engine_ctx():
             if rank != 0:
                 return None
@@ -326,7 +327,7 @@ class DiTTask:
         gnorm = self.G.step()
         with self.G.full_parameters():
             ema.update(self.model)
-        return {"loss": float(sum(l.detach().float() for l in losses) / len(losses)), "grad_norm": gnorm}
+        return {"loss": sum(l.detach().float() for l in losses) / len(losses), "grad_norm": gnorm}
 
     def fwd(self, x, t, y):
         return self.G.call(x, t, y)
@@ -346,11 +347,11 @@ class DiTTask:
 
 
 def _mean_logs(logs_list):
-    out = {}
-    for k in logs_list[0]:
-        vals = [float(l[k]) for l in logs_list]
-        out[k] = sum(vals) / len(vals)
-    return out
+    """Mean over micro batches, in float64 as Python floats would be. Tensors stay on their device:
+    the trainer reads them (a GPU sync) only on the steps it logs."""
+    def f64(v):
+        return v.double() if torch.is_tensor(v) else float(v)
+    return {k: sum(f64(l[k]) for l in logs_list) / len(logs_list) for k in logs_list[0]}
 
 
 # ============================================================================================ main loop
@@ -410,7 +411,7 @@ def run(args) -> dict:
     if task.stand_ins:
         loud("RANDOM STAND-INS (no local weights given) -- results are a smoke test, not a model: "
              + "; ".join(task.stand_ins), rank)
-    if task.cache is not None if hasattr(task, "cache") else False:
+    if getattr(task, "cache", None) is not None:
         from rectok_fast.training.latent_cache import CacheLoader
         loaders = [CacheLoader(task.cache, args.batch_size, rank * R_emu + r, dp, args.seed,
                                drop_last=not args.no_drop_last) for r in range(R_emu)]
@@ -447,6 +448,7 @@ def run(args) -> dict:
     # ---- resume
     ck_root = os.path.join(args.output_dir, "checkpoints")
     start = 0
+    bad_total = 0
     if args.resume:
         tag = R.find_resume_tag(ck_root) if rank == 0 else None
         if world > 1:
@@ -467,10 +469,11 @@ def run(args) -> dict:
             e.load(folder, e.name)
         ema.load(safe_torch_load(os.path.join(folder, "ema.pt")))
         start = int(state["step"])
-        for ld in loaders:
-            ld.skipped = int(state.get("skipped", 0)) if ld is loaders[0] else 0
+        bad_total = int(state.get("bad_steps_total", 0))
+        if rank == 0:   # the saved count is the all-rank total; the end-of-run all-reduce sums the ranks again
+            loaders[0].skipped = int(state.get("skipped", 0))
         say(f"[rectok_fast] resumed from {folder} at step {start}")
-    logger = MetricLogger(args.output_dir, enabled=rank == 0, resume=args.resume)
+    logger = MetricLogger(args.output_dir, enabled=rank == 0, resume=args.resume, start_step=start)
     if rank == 0:
         logger.print(f"[rectok_fast] logging to {logger.backend} + {logger.jsonl_path}; {spe} steps/epoch, "
                      f"{total} steps, global batch {global_batch}, peak lr {args.lr:.3g}")
@@ -479,18 +482,18 @@ def run(args) -> dict:
     nan_steps = {int(s) for s in os.environ.get("RECTOK_FAST_TEST_NAN_AT_STEPS", "").split(",") if s}
     kill_at = int(os.environ.get("RECTOK_FAST_TEST_KILL_AT_STEP", "-1"))
     bad_run = 0
-    bad_total = 0
 
     current = {"step": start}
 
     def check_finite(losses):
         """All ranks agree: every micro-batch loss finite on every rank (else all skip the step)."""
-        ok = torch.tensor([float(all(bool(torch.isfinite(l.detach()).all()) for l in losses)
-                                 and current["step"] not in nan_steps)])
+        ok = torch.stack([torch.isfinite(l.detach()).all() for l in losses]).all().float().reshape(1)
+        if current["step"] in nan_steps:
+            ok.zero_()
         all_reduce_(ok, torch.distributed.ReduceOp.MIN if world > 1 else None)
-        return bool(ok.item())
+        return bool(ok.item())      # the one sync a step needs: every rank must agree before backward
 
-    def save(step, final=False):
+    def save(step):
         tag = R.tag_for(step)
         folder = os.path.join(ck_root, tag)
         os.makedirs(folder, exist_ok=True)
@@ -500,12 +503,13 @@ def run(args) -> dict:
         states = [_full_state(e, e.module) for e in engines]
         for e in engines:
             e.reset_zero3_trace()
+        skipped = all_reduce_(torch.tensor([float(sum(ld.skipped for ld in loaders))]))
         if rank == 0:
             from rectok_fast.checkpoint import atomic_torch_save, export_official_checkpoint
             atomic_torch_save(ema.state_dict(), os.path.join(folder, "ema.pt"))
             atomic_torch_save({"step": step, "epoch": step / spe, "world": world, "emulate_ranks": R_emu,
                                "batch_size": args.batch_size, "bad_steps_total": bad_total,
-                               "skipped": sum(ld.skipped for ld in loaders)},
+                               "skipped": int(skipped.item())},
                               os.path.join(folder, "trainer.pt"))
             extra = {"epoch": int(step // spe), "step": step, "args": {k: v for k, v in vars(args).items()
                                                                      if isinstance(v, (int, float, str, bool))}}
@@ -559,25 +563,25 @@ def run(args) -> dict:
                     bad_run = 0
                 step += 1
                 bar.update(1)
-                if logs is not None:
-                    logs.update(lr=lr, epoch=epoch_f, step_time=time.time() - t0,
-                                images_per_s=global_batch / max(time.time() - t0, 1e-9))
-                    if step % args.log_every == 0 or step == total:
-                        if world > 1:   # mean over data-parallel ranks (same steps on every rank)
-                            keys = sorted(logs)
-                            vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
-                            all_reduce_(vals)
-                            logs = {k: float(v) / world for k, v in zip(keys, vals.tolist())}
-                        last_logs = logs
-                        logger.log(step, logs)
-                        bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
+                if logs is not None and (step % args.log_every == 0 or step == total):
+                    logs = {k: float(v) for k, v in logs.items()}   # the GPU sync: only on logged steps
+                    dt = time.time() - t0
+                    logs.update(lr=lr, epoch=epoch_f, step_time=dt, images_per_s=global_batch / max(dt, 1e-9))
+                    if world > 1:   # mean over data-parallel ranks (same steps on every rank)
+                        keys = sorted(logs)
+                        vals = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+                        all_reduce_(vals)
+                        logs = {k: float(v) / world for k, v in zip(keys, vals.tolist())}
+                    last_logs = logs
+                    logger.log(step, logs)
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
                 if args.ckpt_every and step % args.ckpt_every == 0 and step < total:
                     save(step)
                 if step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
-    folder = save(step, final=True)
+    folder = save(step)
     skipped = torch.tensor([float(sum(ld.skipped for ld in loaders))])
     all_reduce_(skipped)
     out = {"steps": step, "checkpoint": folder, "last_logs": last_logs, "skipped_images": int(skipped.item()),
