@@ -64,12 +64,13 @@ setup(
     name="rectok_fast",
     version="0.1.0",
     description="Fast, drop-in training stack for RecTok (Reconstruction Distillation along Rectified Flow)",
-    packages=["rectok_fast", "rectok_fast.ops", "rectok_fast.models", "rectok_fast.training", "rectok_fast.kernels"],
+    packages=["rectok_fast", "rectok_fast.data", "rectok_fast.ops", "rectok_fast.models", "rectok_fast.training", "rectok_fast.evaluation",
+              "rectok_fast.kernels"],
     package_dir={"rectok_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1", "torchvision==0.29.1", "numpy", "timm==1.0.31", "einops", "pillow",
-        "scikit-image", "tqdm", "safetensors",
+        "scikit-image", "tqdm", "safetensors", "torch-fidelity==0.4.0",
     ],
     extras_require={
         "train": ["deepspeed==0.19.8", "nvidia-dali-cuda130==2.4.0", "tensorboard", "matplotlib"],
@@ -79,6 +80,7 @@ setup(
         "rectok-sample=rectok_fast.sample:main",
         "rectok-train=rectok_fast.train:main",
         "rectok-env-report=rectok_fast.env_report:main",
+        "rectok-eval=rectok_fast.evaluate:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -9,7 +9,7 @@ PIP=".venv/bin/pip --disable-pip-version-check -q"
 $PIP install torch==2.14.1 torchvision==0.29.1 numpy
 # DeepSpeed compiles its CPU ops on first use (JIT); building them at install time is not needed.
 DS_BUILD_OPS=0 $PIP install --no-build-isolation deepspeed==0.19.8
-$PIP install nvidia-dali-cuda130==2.4.0 timm==1.0.31 einops pillow scikit-image tqdm safetensors \
+$PIP install nvidia-dali-cuda130==2.4.0 timm==1.0.31 einops pillow scikit-image tqdm safetensors torch-fidelity==0.4.0 \
     matplotlib tensorboard pytest pytest-benchmark
 # CUDA_HOME: torch guesses /usr/local from the nvcc wrapper, which is wrong here.
 # TORCH_CUDA_ARCH_LIST: no GPU to detect; 9.0 = H100/H200. The CUDA kernels are compiled (not run) on CPU machines.

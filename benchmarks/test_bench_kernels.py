@@ -2,159 +2,81 @@
 
     pytest benchmarks/test_bench_kernels.py --benchmark-only
 
-Real shapes (spec section 9, B = 64, 256 tokens):
-* cosine distillation: pred/target (64, 256, 1024) (DINOv3-L teacher) and (64, 256, 768), bf16,
-  all tokens and ~40 % masked ids (M = 102);
-* flow interpolation: tokenizer latent (64, 256, 128) and DiT latent (64, 128, 16, 16) (+ velocity), fp32;
-* posterior + flow noise: moments (64, 256, 256) bf16 (encoder output under autocast), eps fp32.
+Goal shapes (benchmarks/cases.py, B = 64, 256 tokens): cosine distillation at teacher dim 1024 and 768,
+all tokens and masked (pred holds the ~40 % picked rows); flow interpolation on the tokenizer latent
+(64, 256, 128) and the DiT latent (64, 128, 16, 16) with velocity; posterior + flow noise on moments
+(64, 256, 256) bf16, with z unused (as in training).
 
-Modes: forward, backward (the forward runs in the untimed setup), full. Each benchmark records the
-bytes the fused kernels move (reads + writes, formulas in ``_make``), so the JSON quotes the
-achieved fraction of a copy measured in the same run (benchmarks/conftest.py). The fused variant
-runs only on CUDA (the Triton interpreter is not a speed path); on CPU the compiled baseline runs
-for one shape per op (each torch.compile costs ~15 s of warm-up there) and a few rounds.
+Modes: forward, backward (the forward runs once, untimed; the backward replays with the graph
+retained), full. Each benchmark records the op's minimal traffic, so the JSON quotes the fraction of
+a copy measured in the same run (benchmarks/conftest.py); on a GPU the time is device time from CUDA
+events over CUDA-graph replays with an L2 flush before each (benchmarks/timing.py). The fused variant
+runs on CUDA, and on CPU only in the tiny dry run (RECTOK_BENCH_TINY=1, Triton interpreter: checks the
+plumbing, not speed). On CPU torch.compile runs for one case per op (each compile costs ~15 s there).
 """
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
+import cases
 from conftest import record
-from rectok_fast.ops import reference
+from rectok_fast.ops import reference, registry
+from timing import measure
 
 CUDA = torch.cuda.is_available()
-IMPLS = ["reference", "compiled"] + (["fused"] if CUDA else [])
+IMPLS = ["reference", "compiled"] + (["fused"] if (CUDA or cases.TINY) else [])
 MODES = ["forward", "backward", "full"]
-ROUNDS, WARMUP = (30, 3) if CUDA else (2, 1)
-B, N = 64, 256
-M_MASKED = int(0.4 * N)            # 102 masked tokens of 256 (mask_ratio 0.4)
-
-# case -> (op, parameters); the first case of each op is the one compiled on CPU too
-CASES = {
-    "cosine_D1024_all": ("cosine", dict(D=1024, masked=False)),
-    "cosine_D1024_mask40": ("cosine", dict(D=1024, masked=True)),
-    "cosine_D768_all": ("cosine", dict(D=768, masked=False)),
-    "cosine_D768_mask40": ("cosine", dict(D=768, masked=True)),
-    "flow_64x256x128": ("flow", dict(shape=(64, 256, 128), velocity=False)),
-    "flow_64x128x16x16_vel": ("flow", dict(shape=(64, 128, 16, 16), velocity=True)),
-    "posterior_64x256x256": ("posterior", dict(B=64, L=256, C=128)),
-}
-CPU_COMPILED = {"cosine_D1024_all", "flow_64x256x128", "posterior_64x256x256"}
+ROUNDS = 30 if CUDA else (2 if cases.TINY else 3)
 
 
-# --------------------------------------------------------------------------------------- callables
-def _fused(op):
-    if op == "cosine":
-        from rectok_fast.kernels.cosine_distill import cosine_distill_loss
-        return cosine_distill_loss
-    if op == "flow":
-        from rectok_fast.kernels.flow_interpolate import flow_interpolate
-        return flow_interpolate
-    from rectok_fast.kernels.posterior_flow import posterior_flow_noise
-    return posterior_flow_noise
+def _cpu_compiled(op: str, case: str) -> bool:
+    """CPU compiles are slow: the first case of each op (tiny dry run: of the first op only)."""
+    first_op = next(iter(cases.KERNEL_CASES))
+    return case == next(iter(cases.KERNEL_CASES[op][1])) and (not cases.TINY or op == first_op)
 
 
-_REFS = {"cosine": reference.cosine_distill_loss, "flow": reference.flow_interpolate,
-         "posterior": reference.posterior_flow_noise}
-_COMPILED: dict = {}               # one torch.compile wrapper per op, shared by all modes and shapes
-
-
-def _impl(op, impl):
+@functools.lru_cache(maxsize=None)
+def _impl(public: str, impl: str):
     if impl == "reference":
-        return _REFS[op]
+        return getattr(reference, public)
     if impl == "fused":
-        return _fused(op)
-    if op not in _COMPILED:
-        _COMPILED[op] = torch.compile(_REFS[op], dynamic=False)
-    return _COMPILED[op]
-
-
-# ------------------------------------------------------------------------------------ inputs/bytes
-def _make(op, p, dev):
-    """-> (call(fn) -> tuple of outputs, grad inputs, output seeds, bytes fwd, bytes bwd)."""
-    g = torch.Generator(device=dev).manual_seed(0)
-    if op == "cosine":
-        D, dt = p["D"], torch.bfloat16
-        pred = torch.randn(B, N, D, device=dev, generator=g).to(dt).requires_grad_(True)
-        target = torch.randn(B, N, D, device=dev, generator=g).to(dt)
-        ids = torch.rand(B, N, device=dev, generator=g).argsort(dim=1)[:, :M_MASKED] if p["masked"] else None
-        rows = B * (M_MASKED if ids is not None else N)
-        s = pred.element_size()
-        stats = (4 if ids is not None else 3) * B * N * 4              # per-token fp32 scalars (+ pick count)
-        fwd = 2 * rows * D * s + (ids.numel() * 8 if ids is not None else 0) + stats
-        bwd = 2 * rows * D * s + B * N * D * s + stats                # read picked rows, write all of dL/dpred
-        seed = torch.ones((), device=dev)
-        return (lambda fn: (fn(pred, target, ids),)), [pred], [seed], fwd, bwd
-    if op == "flow":
-        shape, vel = p["shape"], p["velocity"]
-        x = torch.randn(shape, device=dev, generator=g).requires_grad_(True)
-        noise = torch.randn(shape, device=dev, generator=g).requires_grad_(True)
-        t = torch.rand(shape[0], device=dev, generator=g)
-        n_out = 2 if vel else 1
-        nb = x.numel() * x.element_size()
-        fwd = (2 + n_out) * nb                                       # read x, noise; write out (+ v)
-        bwd = (n_out + 2) * nb                                       # read g_out (+ g_v); write g_x, g_noise
-        seeds = [torch.randn(shape, device=dev, generator=g) for _ in range(n_out)]
-
-        def call(fn):
-            r = fn(x, noise, t, return_velocity=vel)
-            return tuple(r) if vel else (r,)
-        return call, [x, noise], seeds, fwd, bwd
-    Bp, L, C = p["B"], p["L"], p["C"]
-    moments = torch.randn(Bp, L, 2 * C, device=dev, generator=g).to(torch.bfloat16).requires_grad_(True)
-    e1 = torch.randn(Bp, L, C, device=dev, generator=g)
-    e2 = torch.randn(Bp, L, C, device=dev, generator=g)
-    tau = torch.rand(Bp, device=dev, generator=g)
-    sm, se, n = moments.element_size(), e1.element_size(), Bp * L * C
-    fwd = n * (2 * sm + 2 * se + 2 * 4) + Bp * 4                      # moments, eps x2 -> z, z_tau (fp32), kl
-    bwd = n * (2 * sm + se + 2 * 4 + 2 * sm) + Bp * 4                 # moments, eps_post, g_z, g_z_tau -> g_moments
-    seeds = [torch.randn(Bp, L, C, device=dev, generator=g), torch.randn(Bp, L, C, device=dev, generator=g),
-             torch.full((Bp,), 1.0 / Bp, device=dev)]
-    return (lambda fn: tuple(fn(moments, e1, e2, tau, 1.0))), [moments], seeds, fwd, bwd
+        return registry.resolve(registry.spec(public).fused)
+    return torch.compile(getattr(reference, public), dynamic=False)
 
 
 def _params():
     out = []
-    for case, (op, _) in CASES.items():
-        for impl in IMPLS:
-            if impl == "compiled" and not CUDA and case not in CPU_COMPILED:
-                continue
-            for mode in MODES:
-                out.append(pytest.param(case, impl, mode, id=f"{case}-{impl}-{mode}"))
+    for op, (_public, op_cases) in cases.KERNEL_CASES.items():
+        for case in list(op_cases)[:1] if cases.TINY else op_cases:   # dry run: one case per op
+            for impl in IMPLS:
+                if impl == "compiled" and not CUDA and not _cpu_compiled(op, case):
+                    continue
+                for mode in MODES:
+                    out.append(pytest.param(op, case, impl, mode, id=f"{case}-{impl}-{mode}"))
     return out
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+@pytest.mark.parametrize("op,case_name,impl,mode", _params())
+def test_kernel_op(benchmark, bench_device, op, case_name, impl, mode):
+    public, op_cases = cases.KERNEL_CASES[op]
+    case = op_cases[case_name](bench_device)
+    fn = _impl(public, impl)
+    benchmark.group = f"{case_name}-{mode}"
+    nbytes = {"forward": case.bytes_fwd, "backward": case.bytes_bwd, "full": case.bytes_fwd + case.bytes_bwd}[mode]
+    record(benchmark, bytes_moved=nbytes, op=public, impl=impl, mode=mode, case=case_name, **case.info)
 
-
-@pytest.mark.parametrize("case,impl,mode", _params())
-def test_kernel_op(benchmark, bench_device, case, impl, mode):
-    op, p = CASES[case]
-    dev = bench_device
-    call, inputs, seeds, b_fwd, b_bwd = _make(op, p, dev)
-    fn = _impl(op, impl)
-    warmup = WARMUP if (CUDA or impl == "compiled") else 0     # eager on CPU needs no warm-up round
-    benchmark.group = f"{case}-{mode}"
-    record(benchmark, bytes_moved={"forward": b_fwd, "backward": b_bwd, "full": b_fwd + b_bwd}[mode],
-           op=op, impl=impl, mode=mode, case=case)
-
-    def forward():
-        out = call(fn)
-        _sync(dev)
-        return out
-
-    def backward_of(outs):
-        grads = torch.autograd.grad(outs, inputs, seeds)
-        _sync(dev)
-        return grads
+    def grads(outs, retain):
+        outs, seeds = case.outputs_with_seeds(outs)
+        return torch.autograd.grad(outs, case.grad_inputs, seeds, retain_graph=retain)
 
     if mode == "forward":
-        benchmark.pedantic(forward, rounds=ROUNDS, warmup_rounds=warmup, iterations=1)
+        run = lambda: case.call(fn)  # noqa: E731
     elif mode == "full":
-        benchmark.pedantic(lambda: backward_of(call(fn)), rounds=ROUNDS, warmup_rounds=warmup, iterations=1)
+        run = lambda: grads(case.call(fn), False)  # noqa: E731
     else:
-        for _ in range(warmup):                       # compile / autotune the backward outside the timing
-            backward_of(forward())
-        benchmark.pedantic(backward_of, setup=lambda: ((forward(),), {}), rounds=ROUNDS, iterations=1)
+        outs = case.call(fn)
+        run = lambda: grads(outs, True)  # noqa: E731
+    measure(benchmark, run, rounds=ROUNDS, warmup=2 if (CUDA or impl == "compiled") else 0)

@@ -1,88 +1,97 @@
-"""Training step time: tokenizer stage-1 step and DiT step, reference vs fused ops (and
-torch.compile where it is cheap to build), with peak memory in extra_info.
+"""Training step of the generator: DiT^DH-XL with our ops vs the reference, eager and torch.compile'd.
 
-CPU: the tiny presets (rectok_tiny 32 px, 2-layer DiT). CUDA: the real shapes -- rectok_BB at 256 px
-with batch 64 (random stand-in teacher/perceptual nets) and DiT^DH-XL with batch 64 on 16x16x128
-latents, whose FLOPs are counted so record() reports the MFU against the measured bf16 matmul rate.
+    pytest benchmarks/test_bench_train.py --benchmark-only [-k compiled]
+
+One step = flow-matching loss on latents (B, 128, 16, 16) (rectok_fast.flow.dit_training_loss, the
+stage's loss) + backward + AdamW step, under bf16 autocast on CUDA. Modes:
+
+* ``compiled_reference``: torch.compile(model) traced with the reference ops (the baseline of the goal);
+* ``compiled_fused``: torch.compile(model) traced under the ``auto`` backend (our fused ops where they
+  apply; goal: >= 1.1x compiled_reference);
+* ``eager`` (reference ops) and ``fused`` (our ops, eager).
+
+CUDA: DiT^DH-XL (1152 wide, 28 blocks, 2048-wide 2-block head) at batch 32, timed with CUDA events,
+one step per round (no graph: the optimizer step is not capturable as written; a step is far larger
+than L2). CPU: a 2-block DiT^DH on 4x4x8 latents, host clock, eager modes only unless
+RECTOK_BENCH_COMPILE=1 (a CPU compile takes minutes). FLOPs are counted so the JSON quotes the MFU
+against the bf16 matmul measured in the same run.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
 
 import pytest
 import torch
 
-from conftest import record, sync_wrap
+import cases
+from conftest import record
 from rectok_fast import ops
+from timing import measure
 
 CUDA = torch.cuda.is_available()
+MODES = ["compiled_reference", "compiled_fused", "eager", "fused"]
+BATCH = 32 if CUDA else 4
 
 
-def _task(stage, device):
-    from rectok_fast.training.config import parse_args
-    from rectok_fast.training.trainer import DiTTask, TokenizerTask
-    from rectok_fast.training.ema import EMA
-    argv = ["--stage", stage, "--output_dir", "/tmp/rectok_bench", "--no_progress"]
-    if CUDA:
-        argv += ["--preset", "official", "--batch_size", "64", "--lr", "1e-4", "--stats_images", "64",
-                 "--data_path", os.environ.get("RECTOK_BENCH_DATA", "")] if os.environ.get("RECTOK_BENCH_DATA") \
-            else ["--preset", "official", "--batch_size", "64", "--lr", "1e-4", "--stats_images", "64"]
+def _model(dev):
+    from rectok_fast.models.dit import build_dit
+    if CUDA and not cases.TINY:
+        model = build_dit("ditdh_xl")
+    elif cases.TINY:
+        model = build_dit("ditdh_tiny")
     else:
-        argv += ["--preset", "tiny", "--batch_size", "4"]
-    args = parse_args(argv)
-    args.disc_start_epoch = 0
-    task = (DiTTask(args, device, 0, 1, lambda: None) if stage == "dit" else TokenizerTask(args, device, 0))
-    ema = EMA(task.model, args.ema_decay)
-    task.engines(args, args.lr or 1e-4, None, CUDA)
-    return args, task, ema
+        model = build_dit("ditdh_s", input_size=4, in_channels=8, depth=2, head_hidden_size=64, head_num_heads=2,
+                          num_classes=10)
+    model = model.to(dev).train()
+    with torch.no_grad():        # the official init zeroes the adaLN outputs: give every op real work
+        for p in model.parameters():
+            if p.dim() and not p.abs().sum():
+                p.normal_(0, 0.02)
+    return model
 
 
-def _flops_dit(task, batch):
-    """fwd+bwd = 3 x fwd; fwd = 2 x params x tokens (matmuls) + attention 4 x T^2 x width per layer."""
-    m, cfg = task.model, task.model.config
+def _flops(model, batch: int) -> float:
+    """fwd + bwd = 3 x fwd; fwd = 2 x params x tokens (matmuls) + attention 4 x T^2 x width per block."""
+    cfg = model.config
     t = cfg.num_tokens
-    params = sum(p.numel() for n, p in m.named_parameters() if "embedder" not in n)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     attn = 4 * t * t * (cfg.hidden_size * cfg.depth + cfg.head_hidden_size * cfg.head_depth)
     return 3 * batch * (2 * params * t + attn)
 
 
-@pytest.mark.parametrize("stage", ["tokenizer", "dit"])
-@pytest.mark.parametrize("mode", ["reference", "fused", "compile"])
-def test_train_step(benchmark, stage, mode, bench_device):
-    if mode == "compile" and not (CUDA or os.environ.get("RECTOK_BENCH_COMPILE")):
-        pytest.skip("torch.compile on CPU takes minutes to build; set RECTOK_BENCH_COMPILE=1")
-    backend = "reference" if mode == "reference" else ("fused" if mode == "fused" else "auto")
-    if mode == "fused":
-        try:
-            with ops.use_backend("fused"):
-                ops.cosine_distill_loss(torch.randn(2, 3, 4, device=bench_device), torch.randn(2, 3, 4, device=bench_device))
-        except Exception as exc:
-            pytest.skip(f"fused backend unavailable: {exc}")
-    with ops.use_backend(backend):
-        args, task, ema = _task(stage, bench_device)
-        if mode == "compile":
-            task.G.call = torch.compile(task.G.module)
-        from rectok_fast.data import build_source, TrainLoader
-        ld = TrainLoader(build_source(), args.img_size, args.batch_size, seed=0, num_workers=0)
-        batch = next(ld.epoch(0))
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if CUDA else contextlib.nullcontext
-        chunk = [dict(batch, rank=0)]
-        state = {"step": 0}
+@pytest.mark.parametrize("mode", MODES)
+def test_train_step_dit(benchmark, bench_device, mode):
+    if mode.startswith("compiled") and not CUDA and not os.environ.get("RECTOK_BENCH_COMPILE"):
+        pytest.skip("torch.compile of the DiT on CPU takes minutes; set RECTOK_BENCH_COMPILE=1")
+    from rectok_fast.flow import dit_time_shift, dit_training_loss
+    dev = bench_device
+    backend = {"compiled_reference": "reference", "compiled_fused": "auto", "eager": "reference",
+               "fused": "auto"}[mode]
+    torch.manual_seed(0)
+    model = _model(dev)
+    cfg = model.config
+    call = torch.compile(model) if mode.startswith("compiled") else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+    x1 = torch.randn(BATCH, cfg.in_channels, cfg.input_size, cfg.input_size, device=dev)
+    y = torch.randint(0, cfg.num_classes, (BATCH,), device=dev)
+    shift = dit_time_shift(cfg.input_size, cfg.input_size, cfg.in_channels)
 
-        def step():
-            task.train_step(chunk, state["step"], 1.0, autocast, ema, lambda losses: True)
-            state["step"] += 1
-        step()
-        step()
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=CUDA):
+            loss = dit_training_loss(call, x1, y, shift)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with ops.use_backend(backend):
+        chosen = {op: ops.implementation_for(op, dev) for op in ("adaln_modulate", "gated_residual")}
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
-        benchmark.group = f"train step {stage}"
-        benchmark.extra_info["impl"] = {"reference": "eager", "fused": "fused", "compile": "compiled"}[mode]
-        benchmark.pedantic(sync_wrap(step), rounds=5 if not CUDA else 10, iterations=1)
-    peak = (torch.cuda.max_memory_allocated() if CUDA
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    flops = _flops_dit(task, args.batch_size) if stage == "dit" else None
-    record(benchmark, flops=flops, stage=stage, mode=mode, batch=args.batch_size, model=args.model,
-           peak_memory_bytes=int(peak), peak_memory_kind="cuda_max_allocated" if CUDA else "process_max_rss")
+        benchmark.group = f"train step {'ditdh_xl' if CUDA and not cases.TINY else 'small DiT^DH'} b{BATCH}"
+        record(benchmark, flops=_flops(model, BATCH), impl=mode, stage="dit", batch=BATCH, backend=backend,
+               implementations=chosen)
+        measure(benchmark, step, rounds=5 if CUDA else (2 if cases.TINY else 3), warmup=1 if cases.TINY else 2,
+                graph=False, calls=1)
+    if CUDA:
+        benchmark.extra_info.update(peak_memory_bytes=int(torch.cuda.max_memory_allocated()),
+                                    peak_memory_kind="cuda_max_allocated")

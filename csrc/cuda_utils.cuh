@@ -1,145 +1,216 @@
-// Device helpers shared by the AdaLN CUDA kernels: row loads/stores in a fixed element-to-thread
-// mapping, a deterministic block sum, and the second pass of the two-pass column reductions.
+// Device helpers shared by the AdaLN CUDA kernels: 16-byte chunks held as raw registers, the row-group
+// sum, the cross-group column sum through shared memory, and the finish kernel of the column sums.
+// Every reduction adds in a fixed order that depends on the shape only (deterministic, no atomics).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "adaln_kernels.h"
+#include "adaln_launch.h"
 
 namespace rectok {
 namespace cuda {
 
-// Element-to-thread mapping of one row of D elements over a block of blockDim.x threads, P elements
-// per thread:
-//   VEC = true : thread t owns d = t*P + j, j < P, read and written as whole 16-byte (or 8/4-byte)
-//                accesses. Requires D % P == 0 and every row start aligned to P elements.
-//   VEC = false: thread t owns d = t + j*blockDim.x (coalesced scalar accesses; any D, any alignment).
-template <bool VEC, int P>
-__device__ __forceinline__ int col_of(int j) {
-  return VEC ? int(threadIdx.x) * P + j : int(threadIdx.x) + j * int(blockDim.x);
-}
+using bf16 = __nv_bfloat16;
 
-template <int BYTES>
-struct RawChunk;
+template <typename S>
+__device__ __forceinline__ float to_float(S v);
 template <>
-struct RawChunk<4> { using type = uint32_t; };
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
 template <>
-struct RawChunk<8> { using type = uint2; };
+__device__ __forceinline__ float to_float<bf16>(bf16 v) { return __bfloat162float(v); }
+
+template <typename S>
+__device__ __forceinline__ S from_float(float v);
 template <>
-struct RawChunk<16> { using type = uint4; };
-
-// Load P elements of type S starting at p (aligned to min(16, P*sizeof(S)) bytes) as floats.
-template <typename S, int P>
-__device__ __forceinline__ void load_vec(const S* __restrict__ p, float (&out)[P]) {
-  constexpr int BYTES = P * int(sizeof(S));
-  constexpr int CHUNK = BYTES >= 16 ? 16 : BYTES;
-  using R = typename RawChunk<CHUNK>::type;
-  constexpr int K = BYTES / CHUNK;
-  static_assert(BYTES % CHUNK == 0, "bad vector width");
-  R raw[K];
-#pragma unroll
-  for (int k = 0; k < K; ++k) raw[k] = reinterpret_cast<const R*>(p)[k];
-  const S* e = reinterpret_cast<const S*>(raw);
-#pragma unroll
-  for (int j = 0; j < P; ++j) out[j] = static_cast<float>(e[j]);
-}
-
-template <typename S, int P>
-__device__ __forceinline__ void store_vec(S* __restrict__ p, const float (&in)[P]) {
-  constexpr int BYTES = P * int(sizeof(S));
-  constexpr int CHUNK = BYTES >= 16 ? 16 : BYTES;
-  using R = typename RawChunk<CHUNK>::type;
-  constexpr int K = BYTES / CHUNK;
-  R raw[K];
-  S* e = reinterpret_cast<S*>(raw);
-#pragma unroll
-  for (int j = 0; j < P; ++j) e[j] = static_cast<S>(in[j]);
-#pragma unroll
-  for (int k = 0; k < K; ++k) reinterpret_cast<R*>(p)[k] = raw[k];
-}
-
-// This thread's P elements of a row; missing elements (d >= D) read as 0.
-template <typename S, int P, bool VEC>
-__device__ __forceinline__ void load_row(const S* __restrict__ row, int D, float (&out)[P]) {
-  if (VEC) {
-    if (int(threadIdx.x) * P < D) {
-      load_vec<S, P>(row + threadIdx.x * P, out);
-    } else {
-#pragma unroll
-      for (int j = 0; j < P; ++j) out[j] = 0.f;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < P; ++j) {
-      const int d = col_of<VEC, P>(j);
-      out[j] = d < D ? static_cast<float>(row[d]) : 0.f;
-    }
-  }
-}
-
-template <typename S, int P, bool VEC>
-__device__ __forceinline__ void store_row(S* __restrict__ row, int D, const float (&in)[P]) {
-  if (VEC) {
-    if (int(threadIdx.x) * P < D) store_vec<S, P>(row + threadIdx.x * P, in);
-  } else {
-#pragma unroll
-    for (int j = 0; j < P; ++j) {
-      const int d = col_of<VEC, P>(j);
-      if (d < D) row[d] = static_cast<S>(in[j]);
-    }
-  }
-}
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ bf16 from_float<bf16>(float v) { return __float2bfloat16_rn(v); }
 
 // Round a float through S (the reference casts the normalised row to the activation dtype).
 template <typename S>
-__device__ __forceinline__ float round_through(float v) {
-  return static_cast<float>(static_cast<S>(v));
-}
-template <>
-__device__ __forceinline__ float round_through<float>(float v) {
-  return v;
-}
+__device__ __forceinline__ float round_through(float v) { return to_float<S>(from_float<S>(v)); }
 
-// Sum of v over the block, returned to every thread. Fixed order (xor-shuffle tree inside each warp,
-// then warps in index order), so the result does not depend on scheduling. smem: >= 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* smem) {
+template <int BYTES>
+struct WordOf;
+template <>
+struct WordOf<8> { using type = uint2; };
+template <>
+struct WordOf<16> { using type = uint4; };
+template <>
+struct WordOf<32> { using type = uint4; };
+
+// E consecutive elements of S kept as raw words until used (bf16 stays packed: half the registers).
+template <typename S, int E>
+struct Pack {
+  static constexpr int kBytes = E * int(sizeof(S));
+  using W = typename WordOf<kBytes>::type;
+  static constexpr int kWords = kBytes / int(sizeof(W));
+  W w[kWords];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) w[k] = W{};
+  }
+  __device__ __forceinline__ float get(int j) const { return to_float<S>(reinterpret_cast<const S*>(w)[j]); }
+  __device__ __forceinline__ void set(int j, float v) { reinterpret_cast<S*>(w)[j] = from_float<S>(v); }
+
+  // Elements p[0 .. valid) (valid may exceed E; <= 0 loads nothing); the rest read as 0.
+  // VEC: p is aligned and valid is either <= 0 or >= E.
+  template <bool VEC>
+  __device__ __forceinline__ void load(const S* __restrict__ p, int valid) {
+    if (VEC) {
+      if (valid > 0) {
+#pragma unroll
+        for (int k = 0; k < kWords; ++k) w[k] = reinterpret_cast<const W*>(p)[k];
+      } else {
+        zero();
+      }
+    } else {
+      S* e = reinterpret_cast<S*>(w);
+#pragma unroll
+      for (int j = 0; j < E; ++j) e[j] = j < valid ? p[j] : from_float<S>(0.f);
+    }
+  }
+  template <bool VEC>
+  __device__ __forceinline__ void store(S* __restrict__ p, int valid) const {
+    if (VEC) {
+      if (valid > 0) {
+#pragma unroll
+        for (int k = 0; k < kWords; ++k) reinterpret_cast<W*>(p)[k] = w[k];
+      }
+    } else {
+      const S* e = reinterpret_cast<const S*>(w);
+#pragma unroll
+      for (int j = 0; j < E; ++j)
+        if (j < valid) p[j] = e[j];
+    }
+  }
+};
+
+// Where a thread's k-th chunk of a row starts, and how many of its elements exist.
+struct RowSlot {
+  int group, lane, groups, tpr;
+  __device__ __forceinline__ RowSlot(int tpr_) : tpr(tpr_) {
+    group = int(threadIdx.x) / tpr_;
+    lane = int(threadIdx.x) - group * tpr_;
+    groups = int(blockDim.x) / tpr_;
+  }
+  template <int E>
+  __device__ __forceinline__ int col(int k) const { return (lane + k * tpr) * E; }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  __syncthreads();  // smem may still be read by a previous call
-  if (lane == 0) smem[warp] = v;
+  return v;  // the xor tree leaves the same bits in every lane
+}
+
+// Sum of v over the tpr threads of this row group. Must be reached by every thread of the block
+// (it synchronises the block when a row spans several warps). red: >= blockDim.x / 32 floats.
+__device__ __forceinline__ float group_sum(float v, int tpr, float* red) {
+  v = warp_sum(v);
+  if (tpr == launch::kWarp) return v;
+  const int warp = int(threadIdx.x) >> 5, per_group = tpr >> 5, first = (warp / per_group) * per_group;
+  if ((threadIdx.x & 31) == 0) red[warp] = v;
   __syncthreads();
   float s = 0.f;
-  for (int w = 0; w < nwarps; ++w) s += smem[w];
+  for (int i = 0; i < per_group; ++i) s += red[first + i];
+  __syncthreads();  // red is rewritten by the next call
   return s;
 }
 
-// Second pass of a column reduction: out[g, d] = sum_{i < rows} part[(g*rows + i), d], in index order.
-template <typename O>
-__global__ void sum_partials_kernel(const float* __restrict__ part, int64_t rows, int64_t D, O* __restrict__ out) {
-  const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t g = blockIdx.y;
-  if (d >= D) return;
-  const float* p = part + g * rows * D + d;
-  float s = 0.f;
-  for (int64_t i = 0; i < rows; ++i) s += p[i * D];
-  out[g * D + d] = static_cast<O>(s);
+// acc (CPT x E per thread) summed over the row groups of the block into group 0, in group order.
+// buf: >= tpr * CPT * E floats of shared memory. Every thread of the block must call it.
+template <int CPT, int E>
+__device__ __forceinline__ void sum_over_groups(float (&acc)[CPT][E], const RowSlot& s, float* buf) {
+  for (int g = 1; g < s.groups; ++g) {
+    if (s.group == g) {
+#pragma unroll
+      for (int k = 0; k < CPT; ++k)
+#pragma unroll
+        for (int j = 0; j < E; ++j) buf[(k * E + j) * s.tpr + s.lane] = acc[k][j];
+    }
+    __syncthreads();
+    if (s.group == 0) {
+#pragma unroll
+      for (int k = 0; k < CPT; ++k)
+#pragma unroll
+        for (int j = 0; j < E; ++j) acc[k][j] += buf[(k * E + j) * s.tpr + s.lane];
+    }
+    __syncthreads();
+  }
 }
 
-// Launch sum_partials_kernel for `groups` groups of `rows` partial rows of width D into out (O = fp32 or bf16).
-inline void sum_partials(const at::Tensor& part, int64_t groups, int64_t rows, int64_t D, at::Tensor& out,
-                         cudaStream_t stream) {
-  const dim3 block(256), grid(static_cast<unsigned>((D + 255) / 256), static_cast<unsigned>(groups));
-  if (out.scalar_type() == at::kFloat) {
-    sum_partials_kernel<float><<<grid, block, 0, stream>>>(part.data_ptr<float>(), rows, D, out.data_ptr<float>());
-  } else {
-    sum_partials_kernel<c10::BFloat16><<<grid, block, 0, stream>>>(part.data_ptr<float>(), rows, D,
-                                                                   out.data_ptr<c10::BFloat16>());
+// Group 0 writes its column sums as one fp32 partial row.
+template <int CPT, int E, bool VEC>
+__device__ __forceinline__ void store_partial(const float (&acc)[CPT][E], const RowSlot& s, float* __restrict__ row,
+                                              int D) {
+  if (s.group != 0) return;
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) {
+    const int col = s.col<E>(k);
+    Pack<float, E> p;
+#pragma unroll
+    for (int j = 0; j < E; ++j) p.set(j, acc[k][j]);
+    p.template store<VEC>(row + col, D - col);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+__device__ __forceinline__ void store_as(void* p, int64_t i, float v, bool as_bf16) {
+  if (as_bf16) static_cast<bf16*>(p)[i] = __float2bfloat16_rn(v);
+  else static_cast<float*>(p)[i] = v;
+}
+
+// Second pass of the column sums, for nch partial rows per sample (rows b*nch .. b*nch+nch-1):
+//   S1_b[d] = sum_c pw[b*nch + c, d],  S0_b[d] = sum_c ps[b*nch + c, d]   (c in index order)
+//   ds1[b, d] = w[d] * S1_b[d]                     (when ds1: the per-sample scale gradient)
+//   ds0[b, d] = S0_b[d]                            (when ds0: per-sample shift / gate gradient)
+//   dweight[d] = sum_b coef_b[d] * S1_b[d], coef = 1 + scale[b, d] when scale, else 1 (when dweight)
+// Block: kFinishCols columns x kFinishSlices slices; slice t takes samples t, t + slices, ... and the
+// slices are added in slice order: the result depends on the shape only.
+template <typename M>
+__global__ void __launch_bounds__(launch::kFinishCols* launch::kFinishSlices)
+finish_kernel(const float* __restrict__ pw, const float* __restrict__ ps, int64_t nch, int64_t B, int D,
+              const M* __restrict__ scale, int64_t sc_sb, const float* __restrict__ w, void* dweight,
+              bool dweight_bf16, void* ds1, bool ds1_bf16, void* ds0, bool ds0_bf16) {
+  __shared__ float part[launch::kFinishSlices][launch::kFinishCols + 1];
+  const int tx = int(threadIdx.x) % launch::kFinishCols, ty = int(threadIdx.x) / launch::kFinishCols;
+  const int d = int(blockIdx.x) * launch::kFinishCols + tx;
+  float acc = 0.f;
+  if (d < D) {
+    const float wd = ds1 != nullptr ? w[d] : 0.f;
+    for (int64_t b = ty; b < B; b += launch::kFinishSlices) {
+      if (pw != nullptr) {
+        const float* p = pw + b * nch * D + d;
+        float s1 = 0.f;
+#pragma unroll 4
+        for (int64_t c = 0; c < nch; ++c) s1 += p[c * D];
+        const float coef = scale != nullptr ? 1.f + to_float<M>(scale[b * sc_sb + d]) : 1.f;
+        acc += coef * s1;
+        if (ds1 != nullptr) store_as(ds1, b * D + d, wd * s1, ds1_bf16);
+      }
+      if (ps != nullptr) {
+        const float* p = ps + b * nch * D + d;
+        float s0 = 0.f;
+#pragma unroll 4
+        for (int64_t c = 0; c < nch; ++c) s0 += p[c * D];
+        store_as(ds0, b * D + d, s0, ds0_bf16);
+      }
+    }
+  }
+  if (dweight == nullptr) return;  // uniform over the block
+  part[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && d < D) {
+    float s = 0.f;
+#pragma unroll 8
+    for (int t = 0; t < launch::kFinishSlices; ++t) s += part[t][tx];
+    store_as(dweight, d, s, dweight_bf16);
+  }
 }
 
 inline bool aligned_to(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0; }

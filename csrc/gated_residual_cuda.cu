@@ -1,155 +1,247 @@
 // CUDA kernels of the gated residual  out = x + gate * y  (fp32 math, result in x's dtype).
+// Row mapping and every launch constant: adaln_launch.h.
 //
-// Same row design as adaln_cuda.cu: one block per row, P = 8 elements per thread, the
-// gate read through its batch/token strides. Backward: dx = dout is returned by the Python side
-// without a kernel; this file computes dy = gate * dout and dgate = sum over tokens of dout * y
-// (per-sample gate: per-block fp32 partials summed in index order by a second kernel; deterministic).
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include "adaln.h"
+// Forward and the backward with a per-token gate are element-wise: one row per row group, all loads
+// of the row (16-byte chunks of x / dout, y and the gate) issued before any arithmetic, many groups
+// per SM (small register footprint) so the whole GPU streams. Backward with a per-sample gate: the
+// adaln backward's structure without the row reduction -- a block owns rows_per_block tokens of one
+// sample, each group prefetches its next row, dgate's column sum stays in registers, one partial row
+// per block, finish_kernel adds them in a fixed order. dx = dout needs no kernel (autograd returns it).
+#include "adaln_kernels.h"
 #include "cuda_utils.cuh"
 
 namespace rectok {
 namespace cuda {
 
-using bf16 = c10::BFloat16;
-
-template <typename T, typename Y, typename M, int P, bool VEC>
-__global__ void __launch_bounds__(kCudaMaxThreads)
+template <typename T, typename Y, typename M, bool VEC>
+__global__ void __launch_bounds__(launch::kFwdMaxTpr, launch::kFwdMinBlocks)
 gated_fwd_kernel(const T* __restrict__ x, const M* __restrict__ gate, int64_t g_sb, int64_t g_sn,
-                 const Y* __restrict__ y, T* __restrict__ out, int64_t N, int D) {
-  const int64_t row = blockIdx.x;
+                 const Y* __restrict__ y, T* __restrict__ out, int64_t rows, int64_t N, int D, int tpr) {
+  constexpr int E = launch::kChunkBytes / int(sizeof(T));
+  constexpr int CPT = launch::kGatedElems / E;
+  const RowSlot s(tpr);
+  const int64_t row = int64_t(blockIdx.x) * s.groups + s.group;
+  if (row >= rows) return;  // no block-wide synchronisation in this kernel
   const int64_t b = row / N, n = row - b * N;
-  float xv[P], yv[P], gv[P];
-  load_row<T, P, VEC>(x + row * D, D, xv);
-  load_row<Y, P, VEC>(y + row * D, D, yv);
-  load_row<M, P, VEC>(gate + b * g_sb + n * g_sn, D, gv);
+  const M* gr = gate + b * g_sb + n * g_sn;
+  Pack<T, E> xv[CPT];
+  Pack<Y, E> yv[CPT];
+  Pack<M, E> gv[CPT];
 #pragma unroll
-  for (int j = 0; j < P; ++j) xv[j] = xv[j] + gv[j] * yv[j];
-  store_row<T, P, VEC>(out + row * D, D, xv);
+  for (int k = 0; k < CPT; ++k) {
+    const int col = s.col<E>(k);
+    xv[k].template load<VEC>(x + row * D + col, D - col);
+    yv[k].template load<VEC>(y + row * D + col, D - col);
+    gv[k].template load<VEC>(gr + col, D - col);
+  }
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) {
+    const int col = s.col<E>(k);
+    if (col >= D) continue;
+    Pack<T, E> o;
+#pragma unroll
+    for (int j = 0; j < E; ++j) o.set(j, xv[k].get(j) + gv[k].get(j) * yv[k].get(j));
+    o.template store<VEC>(out + row * D + col, D - col);
+  }
 }
 
-template <typename T, typename Y, typename M, int P, bool VEC>
-__global__ void __launch_bounds__(kCudaMaxThreads)
-gated_bwd_kernel(const T* __restrict__ dout, const M* __restrict__ gate, int64_t g_sb, int64_t g_sn,
-                 const Y* __restrict__ y, Y* __restrict__ dy, M* __restrict__ dgate, bool gate_tok,
-                 float* __restrict__ gpart, int64_t N, int D, int64_t rows_per_block) {
-  const int64_t c = blockIdx.x, b = blockIdx.y, nchunks = gridDim.x;
-  const int64_t n0 = c * rows_per_block;
-  const int64_t n1 = n0 + rows_per_block < N ? n0 + rows_per_block : N;
-  float gv[P], acc[P];
-  if (!gate_tok) load_row<M, P, VEC>(gate + b * g_sb, D, gv);
+// Per-token gate: dy = gate * dout, dgate = dout * y, both per element.
+template <typename T, typename Y, typename M, bool VEC>
+__global__ void __launch_bounds__(launch::kFwdMaxTpr, launch::kFwdMinBlocks)
+gated_bwd_token_kernel(const T* __restrict__ dout, const M* __restrict__ gate, int64_t g_sb, int64_t g_sn,
+                       const Y* __restrict__ y, Y* __restrict__ dy, M* __restrict__ dgate, int64_t rows, int64_t N,
+                       int D, int tpr) {
+  constexpr int E = launch::kChunkBytes / int(sizeof(T));
+  constexpr int CPT = launch::kGatedElems / E;
+  const RowSlot s(tpr);
+  const int64_t row = int64_t(blockIdx.x) * s.groups + s.group;
+  if (row >= rows) return;
+  const int64_t b = row / N, n = row - b * N;
+  const M* gr = gate + b * g_sb + n * g_sn;
+  Pack<T, E> ov[CPT];
+  Pack<Y, E> yv[CPT];
+  Pack<M, E> gv[CPT];
 #pragma unroll
-  for (int j = 0; j < P; ++j) acc[j] = 0.f;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t row = b * N + n;
-    float go[P], yv[P], t[P];
-    load_row<T, P, VEC>(dout + row * D, D, go);
-    load_row<Y, P, VEC>(y + row * D, D, yv);
-    if (gate_tok) load_row<M, P, VEC>(gate + b * g_sb + n * g_sn, D, gv);
-#pragma unroll
-    for (int j = 0; j < P; ++j) {
-      t[j] = go[j] * yv[j];
-      acc[j] += t[j];
-      yv[j] = gv[j] * go[j];
-    }
-    store_row<Y, P, VEC>(dy + row * D, D, yv);
-    if (gate_tok) store_row<M, P, VEC>(dgate + row * D, D, t);
+  for (int k = 0; k < CPT; ++k) {
+    const int col = s.col<E>(k);
+    ov[k].template load<VEC>(dout + row * D + col, D - col);
+    yv[k].template load<VEC>(y + row * D + col, D - col);
+    gv[k].template load<VEC>(gr + col, D - col);
   }
-  if (!gate_tok) store_row<float, P, VEC>(gpart + (b * nchunks + c) * D, D, acc);
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) {
+    const int col = s.col<E>(k);
+    if (col >= D) continue;
+    Pack<Y, E> dyv;
+    Pack<M, E> dg;
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const float o = ov[k].get(j);
+      dyv.set(j, gv[k].get(j) * o);
+      dg.set(j, o * yv[k].get(j));
+    }
+    dyv.template store<VEC>(dy + row * D + col, D - col);
+    dg.template store<VEC>(dgate + row * D + col, D - col);
+  }
+}
+
+// Per-sample gate: dy = gate_b * dout; partial dgate_b = sum over this block's tokens of dout * y.
+template <typename T, typename Y, typename M, bool VEC>
+__global__ void __launch_bounds__(launch::kMaxTpr, 1)
+gated_bwd_sample_kernel(const T* __restrict__ dout, const M* __restrict__ gate, int64_t g_sb,
+                        const Y* __restrict__ y, Y* __restrict__ dy, float* __restrict__ pg, int64_t N, int D,
+                        int tpr, int64_t rows_per_block, int iters) {
+  constexpr int E = launch::kChunkBytes / int(sizeof(T));
+  constexpr int CPT = launch::kGatedBwdElems / E;
+  __shared__ float buf[(launch::kTargetThreads / 2) * CPT * E];
+  const RowSlot s(tpr);
+  const int64_t b = blockIdx.y;
+  const int64_t n0 = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t n_end = n0 + rows_per_block < N ? n0 + rows_per_block : N;
+
+  Pack<M, E> gv[CPT];
+  float acc[CPT][E];
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) {
+    const int col = s.col<E>(k);
+    gv[k].template load<VEC>(gate + b * g_sb + col, D - col);
+#pragma unroll
+    for (int j = 0; j < E; ++j) acc[k][j] = 0.f;
+  }
+  Pack<T, E> oc[CPT];
+  Pack<Y, E> yc[CPT];
+  {
+    const int64_t n = n0 + s.group, row = b * N + n;
+    const bool active = n < n_end;
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      const int col = s.col<E>(k);
+      const int valid = active ? D - col : 0;
+      oc[k].template load<VEC>(dout + row * D + col, valid);
+      yc[k].template load<VEC>(y + row * D + col, valid);
+    }
+  }
+#pragma unroll 1
+  for (int it = 0; it < iters; ++it) {
+    const int64_t n = n0 + s.group + int64_t(it) * s.groups, row = b * N + n;
+    const bool active = n < n_end;
+    Pack<T, E> on[CPT];
+    Pack<Y, E> yn[CPT];
+    const int64_t n2 = n + s.groups, row2 = b * N + n2;
+    const bool active2 = it + 1 < iters && n2 < n_end;
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      const int col = s.col<E>(k);
+      const int valid = active2 ? D - col : 0;
+      on[k].template load<VEC>(dout + row2 * D + col, valid);
+      yn[k].template load<VEC>(y + row2 * D + col, valid);
+    }
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      const int col = s.col<E>(k);
+      const int valid = active ? D - col : 0;
+      Pack<Y, E> dyv;
+#pragma unroll
+      for (int j = 0; j < E; ++j) {
+        const float o = oc[k].get(j);
+        acc[k][j] += o * yc[k].get(j);
+        dyv.set(j, gv[k].get(j) * o);
+      }
+      dyv.template store<VEC>(dy + row * D + col, valid);
+    }
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      oc[k] = on[k];
+      yc[k] = yn[k];
+    }
+  }
+  sum_over_groups<CPT, E>(acc, s, buf);
+  store_partial<CPT, E, VEC>(acc, s, pg + (b * int64_t(gridDim.x) + blockIdx.x) * D, D);
 }
 
 namespace {
 
-bool vec_ok(const void* p, int64_t elem_size, int P, int64_t sb, int64_t sn) {
-  const int64_t bytes = std::min<int64_t>(16, int64_t(P) * elem_size);
-  return aligned_to(p, bytes) && sb % P == 0 && sn % P == 0;
+bool mod_vec_ok(const ModArg& m, int elem_bytes, int E) {
+  const int64_t bytes = int64_t(E) * elem_bytes;
+  return aligned_to(m.ptr, bytes < 16 ? bytes : 16) && m.sb % E == 0 && m.sn % E == 0;
 }
 
-template <typename T, typename Y, typename M, int P>
-void launch_fwd(bool vec, const at::Tensor& x, const ModView& gate, const at::Tensor& y, at::Tensor& out) {
-  const int64_t B = x.size(0), N = x.size(1);
-  const int D = int(x.size(2));
-  const dim3 grid(unsigned(B * N)), block(cuda_threads_for(D, x.scalar_type()));
-  auto k = vec ? gated_fwd_kernel<T, Y, M, P, true> : gated_fwd_kernel<T, Y, M, P, false>;
-  k<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(x.data_ptr<T>(), static_cast<const M*>(gate.ptr), gate.sb,
-                                                          gate.sn, y.data_ptr<Y>(), out.data_ptr<T>(), N, D);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+template <typename S>
+bool chunk_aligned(const void* p, int E) {
+  const int64_t bytes = int64_t(E) * int64_t(sizeof(S));
+  return aligned_to(p, bytes < 16 ? bytes : 16);
 }
 
-template <typename T, typename Y, typename M, int P>
-void launch_bwd(bool vec, const at::Tensor& dout, const ModView& gate, const at::Tensor& y, at::Tensor& dgate,
-                at::Tensor& dy) {
-  const int64_t B = dout.size(0), N = dout.size(1), D = dout.size(2);
-  const int64_t R = bwd_rows_per_block(N);
-  const int64_t nchunks = (N + R - 1) / R;
-  const bool tok = gate.per_token;
-  at::Tensor gpart = tok ? at::Tensor() : new_buffer({B * nchunks, D}, dout.options().dtype(at::kFloat));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(B)), block(cuda_threads_for(D, dout.scalar_type()));
-  auto k = vec ? gated_bwd_kernel<T, Y, M, P, true> : gated_bwd_kernel<T, Y, M, P, false>;
-  k<<<grid, block, 0, stream>>>(dout.data_ptr<T>(), static_cast<const M*>(gate.ptr), gate.sb, gate.sn,
-                                y.data_ptr<Y>(), dy.data_ptr<Y>(), tok ? dgate.data_ptr<M>() : nullptr, tok,
-                                tok ? nullptr : gpart.data_ptr<float>(), N, int(D), R);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!tok) sum_partials(gpart, B, nchunks, D, dgate, stream);
+template <typename T, typename Y, typename M>
+cudaError_t launch_fwd(const GatedFwdArgs& a, cudaStream_t stream) {
+  constexpr int E = launch::kChunkBytes / int(sizeof(T));
+  const auto& cfg = a.cfg;
+  const bool vec = a.D % E == 0 && aligned_to(a.x, 16) && aligned_to(a.out, 16) && chunk_aligned<Y>(a.y, E) &&
+                   mod_vec_ok(a.gate, int(sizeof(M)), E);
+  auto kernel = vec ? gated_fwd_kernel<T, Y, M, true> : gated_fwd_kernel<T, Y, M, false>;
+  kernel<<<dim3(unsigned(cfg.grid_x)), dim3(unsigned(cfg.threads)), 0, stream>>>(
+      static_cast<const T*>(a.x), static_cast<const M*>(a.gate.ptr), a.gate.sb, a.gate.sn,
+      static_cast<const Y*>(a.y), static_cast<T*>(a.out), a.B * a.N, a.N, int(a.D), cfg.tpr);
+  return cudaGetLastError();
 }
 
-// (T, Y, M) combinations listed in adaln.h.
-template <template <typename, typename, typename, int> class F, typename... Args>
-void dispatch(at::ScalarType t, at::ScalarType yt, at::ScalarType mt, Args&&... args) {
-  if (t == at::kFloat && yt == at::kFloat) {
-    F<float, float, float, 8>::run(std::forward<Args>(args)...);
-  } else if (t == at::kFloat) {
-    F<float, bf16, float, 8>::run(std::forward<Args>(args)...);
-  } else if (mt == at::kBFloat16) {
-    F<bf16, bf16, bf16, 8>::run(std::forward<Args>(args)...);
-  } else {
-    F<bf16, bf16, float, 8>::run(std::forward<Args>(args)...);
+template <typename T, typename Y, typename M>
+cudaError_t launch_bwd(const GatedBwdArgs& a, cudaStream_t stream) {
+  constexpr int E = launch::kChunkBytes / int(sizeof(T));
+  const bool vec = a.D % E == 0 && aligned_to(a.dout, 16) && chunk_aligned<Y>(a.y, E) &&
+                   chunk_aligned<Y>(a.dy, E) && mod_vec_ok(a.gate, int(sizeof(M)), E) &&
+                   (!a.gate_tok || chunk_aligned<M>(a.dgate, E));
+  if (a.gate_tok) {
+    const auto& cfg = a.cfg;
+    auto kernel = vec ? gated_bwd_token_kernel<T, Y, M, true> : gated_bwd_token_kernel<T, Y, M, false>;
+    kernel<<<dim3(unsigned(cfg.grid_x)), dim3(unsigned(cfg.threads)), 0, stream>>>(
+        static_cast<const T*>(a.dout), static_cast<const M*>(a.gate.ptr), a.gate.sb, a.gate.sn,
+        static_cast<const Y*>(a.y), static_cast<Y*>(a.dy), static_cast<M*>(a.dgate), a.B * a.N, a.N, int(a.D),
+        cfg.tpr);
+    return cudaGetLastError();
   }
+  const auto& cfg = a.cfg;
+  auto kernel = vec ? gated_bwd_sample_kernel<T, Y, M, true> : gated_bwd_sample_kernel<T, Y, M, false>;
+  kernel<<<dim3(unsigned(cfg.grid_x), unsigned(cfg.grid_y)), dim3(unsigned(cfg.threads)), 0, stream>>>(
+      static_cast<const T*>(a.dout), static_cast<const M*>(a.gate.ptr), a.gate.sb, static_cast<const Y*>(a.y),
+      static_cast<Y*>(a.dy), a.pg, a.N, int(a.D), cfg.tpr, cfg.rows_per_block, int(cfg.iters));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const unsigned fin_grid = unsigned(launch::ceil_div(a.D, launch::kFinishCols));
+  finish_kernel<M><<<fin_grid, launch::kFinishCols * launch::kFinishSlices, 0, stream>>>(
+      nullptr, a.pg, cfg.grid_x, a.B, int(a.D), nullptr, 0, nullptr, nullptr, false, nullptr, false, a.dgate,
+      a.dgate_bf16);
+  return cudaGetLastError();
 }
 
-template <typename T, typename Y, typename M, int P>
+// (T, Y, M) combinations of adaln_kernels.h.
+template <template <typename, typename, typename> class F, typename A>
+cudaError_t dispatch(const A& a, cudaStream_t stream) {
+  if (a.t == DType::F32 && a.y_t == DType::F32) return F<float, float, float>::run(a, stream);
+  if (a.t == DType::F32) return F<float, bf16, float>::run(a, stream);
+  if (a.m == DType::BF16) return F<bf16, bf16, bf16>::run(a, stream);
+  return F<bf16, bf16, float>::run(a, stream);
+}
+
+template <typename T, typename Y, typename M>
 struct Fwd {
-  static void run(bool vec, const at::Tensor& x, const ModView& gate, const at::Tensor& y, at::Tensor& out) {
-    launch_fwd<T, Y, M, P>(vec, x, gate, y, out);
-  }
+  static cudaError_t run(const GatedFwdArgs& a, cudaStream_t stream) { return launch_fwd<T, Y, M>(a, stream); }
 };
-
-template <typename T, typename Y, typename M, int P>
+template <typename T, typename Y, typename M>
 struct Bwd {
-  static void run(bool vec, const at::Tensor& dout, const ModView& gate, const at::Tensor& y, at::Tensor& dgate,
-                  at::Tensor& dy) {
-    launch_bwd<T, Y, M, P>(vec, dout, gate, y, dgate, dy);
-  }
+  static cudaError_t run(const GatedBwdArgs& a, cudaStream_t stream) { return launch_bwd<T, Y, M>(a, stream); }
 };
 
 }  // namespace
 
-void gated_fwd(const at::Tensor& x, const ModView& gate, at::ScalarType mod_type, const at::Tensor& y,
-               at::Tensor& out) {
-  if (x.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int P = cuda_elems_per_thread(x.scalar_type());
-  const int64_t msize = mod_type == at::kFloat ? 4 : 2;
-  const bool vec = x.size(2) % P == 0 && aligned_to(x.data_ptr(), 16) && aligned_to(out.data_ptr(), 16) &&
-                   aligned_to(y.data_ptr(), std::min<int64_t>(16, P * y.element_size())) &&
-                   vec_ok(gate.ptr, msize, P, gate.sb, gate.sn);
-  dispatch<Fwd>(x.scalar_type(), y.scalar_type(), mod_type, vec, x, gate, y, out);
+cudaError_t gated_fwd(const GatedFwdArgs& a, cudaStream_t stream) {
+  if (a.B * a.N == 0) return cudaSuccess;
+  return dispatch<Fwd>(a, stream);
 }
 
-void gated_bwd(const at::Tensor& dout, const ModView& gate, at::ScalarType mod_type, const at::Tensor& y,
-               at::Tensor& dgate, at::Tensor& dy) {
-  if (dout.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(dout.device());
-  const int P = cuda_elems_per_thread(dout.scalar_type());
-  const int64_t msize = mod_type == at::kFloat ? 4 : 2;
-  const int64_t ybytes = std::min<int64_t>(16, P * y.element_size());
-  const bool vec = dout.size(2) % P == 0 && aligned_to(dout.data_ptr(), 16) && aligned_to(y.data_ptr(), ybytes) &&
-                   aligned_to(dy.data_ptr(), ybytes) && vec_ok(gate.ptr, msize, P, gate.sb, gate.sn) &&
-                   (!gate.per_token || aligned_to(dgate.data_ptr(), std::min<int64_t>(16, P * msize)));
-  dispatch<Bwd>(dout.scalar_type(), y.scalar_type(), mod_type, vec, dout, gate, y, dgate, dy);
+cudaError_t gated_bwd(const GatedBwdArgs& a, cudaStream_t stream) {
+  if (a.B * a.N == 0) return cudaSuccess;
+  return dispatch<Bwd>(a, stream);
 }
 
 }  // namespace cuda

@@ -8,6 +8,11 @@
   ``torch.autograd.Function`` for eager mode, whose dispatch costs a few microseconds instead of
   the ~20-30 us of a Python custom op per call (this matters for ops whose kernels take tens of
   microseconds on an H200).
+* :func:`define_op` registers an op's launcher function: as a ``torch.library.triton_op`` where the
+  kernels really compile (so inductor sees the Triton kernels inside, not an opaque call), as a
+  ``custom_op`` with an explicit fake kernel in the Triton interpreter (where ``wrap_triton`` cannot
+  trace an interpreted kernel). :func:`kernel` gives a launcher the kernel to call: wrapped by
+  ``wrap_triton`` inside the op (traceable), the bare kernel in the eager twin (no HOP dispatch).
 * :func:`check_tensor` gives the clear input errors the ops promise (device, dtype, rank).
 * :func:`interpreted` tells a launcher that kernels run in the Triton interpreter (CPU tensors,
   ``TRITON_INTERPRET=1``); there fp32 -> bf16 casts truncate instead of rounding to nearest even,
@@ -35,6 +40,26 @@ def use_custom_op() -> bool:
     return FORCE_CUSTOM_OP or torch.compiler.is_compiling()
 
 
+# Decided once at import: the interpreter setting cannot change inside a process (triton.jit reads it).
+TRITON_OPS = not interpreted()
+
+
+def define_op(name: str, fake):
+    """Decorator: register ``fn`` as op ``name`` (triton_op on real Triton, custom_op + ``fake`` in the interpreter)."""
+    def register(fn):
+        if TRITON_OPS:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return register
+
+
+def kernel(jit_fn, traced: bool):
+    """``jit_fn`` wrapped for tracing inside a triton_op (``traced``), or bare for eager launches."""
+    return torch.library.wrap_triton(jit_fn) if (traced and TRITON_OPS) else jit_fn
+
+
 def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty`` for kernel outputs; NaN / -1 filled when :data:`POISON` is set."""
     out = torch.empty(shape, dtype=dtype, device=device)
@@ -53,6 +78,24 @@ def check_tensor(op: str, name: str, t, *, dim: int | None = None, dtypes=FLOAT_
         raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
+
+
+FLOAT_SCALAR_ARGS = ("inv_rows", "gamma")
+
+
+def signature(jit_fn, constexprs: dict, pointers: dict, default_ptr: str = "*fp32") -> dict:
+    """Triton signature (name -> type) of ``jit_fn`` for an ahead-of-time compile (static report,
+    sm_90 build test): pointers from ``pointers`` (else ``default_ptr``), float scalars fp32, ints i32,
+    constexprs marked as such."""
+    out = {}
+    for name in jit_fn.arg_names:
+        if name in constexprs:
+            out[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            out[name] = pointers.get(name, default_ptr)
+        else:
+            out[name] = "fp32" if name in FLOAT_SCALAR_ARGS else "i32"
+    return out
 
 
 def needs_bf16_rounding(*dtypes: torch.dtype) -> bool:

@@ -1,17 +1,23 @@
-"""Fused cosine-alignment distillation loss: normalize, dot, 1 - cos, mean (+ gather by ids).
+"""Fused cosine-alignment distillation loss: normalize, dot, 1 - cos, mean (target rows picked by ids).
 
-Same function as :func:`rectok_fast.ops.reference.cosine_distill_loss`: pred, target (B, N, D),
-optional ids (B, M) picking the rows ``[b, ids[b, m]]``; loss = mean over rows of
-``1 - <p / max(|p|, eps), f / max(|f|, eps)>`` with eps = 1e-12 (F.normalize), an fp32 scalar;
+Same function as :func:`rectok_fast.ops.reference.cosine_distill_loss`: pred (B, M, D); target
+(B, N, D); optional ids (B, M) naming the target row ``target[b, ids[b, m]]`` that pred row (b, m)
+predicts (without ids M = N and rows pair up); loss = mean over the B*M rows of
+``1 - <p / max(|p|, eps), f / max(|f|, eps)>`` with eps = COSINE_EPS (F.normalize), an fp32 scalar;
 the target gets no gradient.
 
-Forward: each program takes BLOCK_R rows (gathered through ``ids`` in place, no copies), streams
-them along D in BLOCK_D chunks accumulating |p|^2, |f|^2 and <p, f> in fp32, writes three per-row
-scalars (1/max(|p|,eps), 1/max(|f|,eps), and the projection coefficient; with ids also how often
-each token was picked) and one partial loss sum, already divided by the row count; the partials are
-summed afterwards in a fixed order (deterministic). Rows are addressed with the
-(B, N) strides of the inputs, so a token slice of a bigger tensor (e.g. the teacher output minus
-its CLS/register tokens) is read in place; only the channel dim must have stride 1.
+Masked ('reconstruction') mode: the semantic decoder gathers its hidden states at the masked ids
+BEFORE its output projection (models/tokenizer.py), so pred already holds only the picked rows and
+the kernel reads the target rows through ids in place: no copy of either tensor, and dL/dpred is
+dense (no zero rows for unpicked tokens, no zero-fill, no pick counts).
+
+Forward: each program takes BLOCK_R rows, streams them along D in BLOCK_D chunks accumulating |p|^2,
+|f|^2 and <p, f> in fp32, writes three per-row scalars (1/max(|p|,eps), 1/max(|f|,eps), and the
+projection coefficient) and one partial loss sum, already divided by the row count; the partials are
+summed afterwards in a fixed order (deterministic). Rows are addressed with the (B, N) strides of the
+inputs, so a token slice of a bigger tensor (e.g. the teacher output minus its CLS/register tokens)
+is read in place; only the channel dim must have stride 1. An out-of-range id never touches memory:
+its row makes the loss and its gradient NaN (the wrappers check ids first, see registry.check_ids_range).
 
 Backward (exact gradient of the reference, F.normalize's clamp included), with g = dL / R and
 p_hat = p / max(|p|, eps), f_hat likewise::
@@ -20,57 +26,52 @@ p_hat = p / max(|p|, eps), f_hat likewise::
 
 (below eps, F.normalize divides by the constant eps and the projection term vanishes; torch's
 clamp passes no gradient at equality either). It recomputes from the saved inputs and the per-row
-scalars in one pass, reads the loss seed inside the kernel (no host sync), and writes every
-element of dL/dpred exactly once: with ids it walks all B*N rows and scales each by the number
-of times the row was picked (zero rows for tokens not picked, duplicates accumulate as in gather).
+scalars in one pass, reads the loss seed inside the kernel (no host sync), and writes every element
+of dL/dpred exactly once.
 
-Registered as ``rectok_fast::cosine_distill_fwd`` / ``_bwd`` custom ops (fake kernels + autograd) for
-torch.compile; eager calls take an autograd.Function over the same launchers (cheaper dispatch).
+Registered as ``rectok_fast::cosine_distill_fwd`` / ``_bwd`` (triton_op on a GPU, see _launch.define_op)
+with autograd; eager calls take an autograd.Function over the same launchers (cheaper dispatch).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from rectok_fast.kernels._launch import (alloc, check_tensor, needs_bf16_rounding, num_warps_for, store_cast,
-                                        use_custom_op)
+from rectok_fast.kernels._launch import (alloc, check_tensor, define_op, kernel, needs_bf16_rounding, num_warps_for,
+                                        signature, store_cast, use_custom_op)
+from rectok_fast.ops.registry import COSINE_EPS, check_cosine_distill_loss, check_ids_range
 
 _OP = "cosine_distill_loss"
-COSINE_EPS = 1e-12          # F.normalize default, as rectok_fast.ops.reference
 MAX_BLOCK_D = 4096          # longer rows are streamed in chunks (tests lower it to cover that path)
 TILE = 4096                 # elements per program and chunk (BLOCK_R * BLOCK_D)
 
 
 @triton.jit
-def _rows(r, M, N, ids_ptr, s_ib, s_im, mask, HAS_IDS: tl.constexpr):
-    """Logical row r -> (b, n): r = b*M + m with n = ids[b, m], or r = b*N + n without ids."""
+def _rows(r, M, N, ids_ptr, s_ib, s_im, rmask, HAS_IDS: tl.constexpr):
+    """Row r = b*M + m -> (b, m, n, valid): pred row (b, m) pairs with target row (b, n)."""
+    b = r // M
+    m = r - b * M
     if HAS_IDS:
-        b = r // M
-        m = r - b * M
-        n = tl.load(ids_ptr + b.to(tl.int64) * s_ib + m.to(tl.int64) * s_im, mask=mask, other=0).to(tl.int64)
+        n = tl.load(ids_ptr + b.to(tl.int64) * s_ib + m.to(tl.int64) * s_im, mask=rmask, other=0).to(tl.int64)
+        valid = rmask & (n >= 0) & (n < N)
     else:
-        b = r // N
-        n = (r - b * N).to(tl.int64)
-    return b.to(tl.int64), n
+        n = m.to(tl.int64)
+        valid = rmask
+    return b.to(tl.int64), m.to(tl.int64), n, valid
 
 
 @triton.jit
-def _cos_fwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, part_ptr, R, M, N, D, SN, inv_rows,
-                    s_pb, s_pn, s_fb, s_fn, s_ib, s_im,
+def _cos_fwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, part_ptr, R, M, N, D, inv_rows,
+                    s_pb, s_pm, s_fb, s_fn, s_ib, s_im,
                     EPS: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < R
-    b, n = _rows(r, M, N, ids_ptr, s_ib, s_im, rmask, HAS_IDS)
-    if HAS_IDS:        # an out-of-range id (unchecked on CUDA) never touches memory; it makes the loss NaN
-        valid = rmask & (n >= 0) & (n < N)
-    else:
-        valid = rmask
-    p_row = (b * s_pb + n * s_pn)[:, None]
+    b, m, n, valid = _rows(r, M, N, ids_ptr, s_ib, s_im, rmask, HAS_IDS)
+    p_row = (b * s_pb + m * s_pm)[:, None]
     f_row = (b * s_fb + n * s_fn)[:, None]
     pp = tl.zeros([BLOCK_R], dtype=tl.float32)
     ff = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -88,46 +89,36 @@ def _cos_fwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, part_ptr, R, M, N, D, SN, 
     rp = tl.div_rn(one, tl.maximum(p_norm, EPS))
     rf = tl.div_rn(one, tl.maximum(tl.sqrt_rn(ff), EPS))
     cos = pf * rp * rf
-    s = b * N + n                     # per-token statistics, indexed like pred's (B, N) rows
-    tl.store(stats_ptr + s, rp, mask=valid)
-    tl.store(stats_ptr + SN + s, rf, mask=valid)
-    tl.store(stats_ptr + 2 * SN + s, tl.where(p_norm > EPS, cos, 0.0), mask=valid)
-    if HAS_IDS:        # how often each token was picked (the gather's backward accumulates duplicates)
-        tl.atomic_add(stats_ptr + 3 * SN + s, tl.full([BLOCK_R], 1.0, tl.float32), mask=valid)
-    term = tl.where(valid, 1.0 - cos, float("nan"))
+    bad = float("nan")                            # an out-of-range id poisons its row's loss and gradient
+    tl.store(stats_ptr + r, tl.where(valid, rp, bad), mask=rmask)
+    tl.store(stats_ptr + R + r, tl.where(valid, rf, bad), mask=rmask)
+    tl.store(stats_ptr + 2 * R + r, tl.where(valid, tl.where(p_norm > EPS, cos, 0.0), bad), mask=rmask)
+    term = tl.where(valid, 1.0 - cos, bad)
     tl.store(part_ptr + pid, tl.sum(tl.where(rmask, term, 0.0), axis=0) * inv_rows)
 
 
 @triton.jit
-def _cos_bwd_kernel(p_ptr, f_ptr, stats_ptr, gl_ptr, gp_ptr, SN, N, D, inv_rows,
-                    s_pb, s_pn, s_fb, s_fn,
+def _cos_bwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, gl_ptr, gp_ptr, R, M, N, D, inv_rows,
+                    s_pb, s_pm, s_fb, s_fn, s_ib, s_im,
                     HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr):
     pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)           # every (b, n) row of pred
-    rmask = r < SN
-    b = (r // N).to(tl.int64)
-    n = (r % N).to(tl.int64)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < R
+    b, m, n, valid = _rows(r, M, N, ids_ptr, s_ib, s_im, rmask, HAS_IDS)
     g = tl.load(gl_ptr).to(tl.float32) * inv_rows
-    if HAS_IDS:
-        cnt = tl.load(stats_ptr + 3 * SN + r, mask=rmask, other=0.0)
-        active = rmask & (cnt > 0)
-        w = g * cnt
-    else:
-        active = rmask
-        w = g + tl.zeros([BLOCK_R], dtype=tl.float32)
-    rp = tl.load(stats_ptr + r, mask=active, other=0.0)
-    rf = tl.load(stats_ptr + SN + r, mask=active, other=0.0)
-    c = tl.load(stats_ptr + 2 * SN + r, mask=active, other=0.0)
-    a_f = (-w * rp * rf)[:, None]           # coefficient of f
-    a_p = (w * c * rp * rp)[:, None]        # coefficient of p
-    p_row = (b * s_pb + n * s_pn)[:, None]
+    rp = tl.load(stats_ptr + r, mask=rmask, other=0.0)
+    rf = tl.load(stats_ptr + R + r, mask=rmask, other=0.0)
+    c = tl.load(stats_ptr + 2 * R + r, mask=rmask, other=0.0)
+    a_f = (-g * rp * rf)[:, None]           # coefficient of f
+    a_p = (g * c * rp * rp)[:, None]        # coefficient of p
+    p_row = (b * s_pb + m * s_pm)[:, None]
     f_row = (b * s_fb + n * s_fn)[:, None]
     o_row = (r.to(tl.int64) * D)[:, None]
     for k in range(0, D, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
         cm = (cols < D)[None, :]
-        p = tl.load(p_ptr + p_row + cols[None, :], mask=active[:, None] & cm, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + f_row + cols[None, :], mask=active[:, None] & cm, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + p_row + cols[None, :], mask=valid[:, None] & cm, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + f_row + cols[None, :], mask=valid[:, None] & cm, other=0.0).to(tl.float32)
         store_cast(gp_ptr + o_row + cols[None, :], a_f * f + a_p * p, rmask[:, None] & cm, ROUND)
 
 
@@ -137,72 +128,90 @@ def _settings(D: int, rows: int):
     return block_r, block_d, num_warps_for(block_r * block_d)
 
 
+def production_configs() -> list[dict]:
+    """The launch configs at the goal shapes (P1: B = 64, N = 256, D = 1024 / 768, bf16; masked M = 102),
+    for benchmarks/static_report.py: kernel, constexprs, num_warps, grid, and the shape they serve."""
+    out = []
+    B, N = 64, 256
+    for D in (1024, 768):
+        for M in (N, int(0.4 * N)):
+            rows = B * M
+            block_r, block_d, warps = _settings(D, rows)
+            grid = (triton.cdiv(rows, block_r),)
+            has_ids = M != N
+            shape = dict(B=B, N=N, M=M, D=D, dtype="bf16")
+            ptrs = dict(p_ptr="*bf16", f_ptr="*bf16", gp_ptr="*bf16", ids_ptr="*i64")
+            for fn, consts in ((_cos_fwd_kernel, dict(EPS=COSINE_EPS, HAS_IDS=has_ids, BLOCK_R=block_r,
+                                                      BLOCK_D=block_d)),
+                               (_cos_bwd_kernel, dict(HAS_IDS=has_ids, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                      ROUND=False))):
+                out.append(dict(kernel=fn.__name__, fn=fn, shape=shape, grid=grid, num_warps=warps,
+                                constexprs=consts, signature=signature(fn, consts, ptrs)))
+    return out
+
+
 def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def cosine_fwd(pred: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor]):
-    """Returns (loss fp32 scalar, stats (3 or 4 with ids, B*N) fp32: 1/|p|, 1/|f|, projection coef, count)."""
+def cosine_fwd(pred: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor], traced: bool = False):
+    """Returns (loss fp32 scalar, stats (3, B*M) fp32: 1/|p|, 1/|f|, projection coefficient)."""
     pred, target = _inner_contiguous(pred), _inner_contiguous(target)
-    B, N, D = pred.shape
+    B, M, D = pred.shape
+    N = target.shape[1]
     dev = pred.device
-    M = ids.shape[1] if ids is not None else N
     R = B * M
-    if ids is not None:         # tokens not picked keep defined (zero) statistics; counts start at 0
-        stats = torch.zeros((4, B * N), dtype=torch.float32, device=dev)
-    else:
-        stats = alloc((3, B * N), torch.float32, dev)
+    stats = alloc((3, R), torch.float32, dev)
     block_r, block_d, warps = _settings(D, R)
     nprog = triton.cdiv(R, block_r)
     part = alloc((nprog,), torch.float32, dev)
     ids_arg = ids if ids is not None else part
     s_ib, s_im = (ids.stride(0), ids.stride(1)) if ids is not None else (0, 0)
-    _cos_fwd_kernel[(nprog,)](pred, target, ids_arg, stats, part, R, M, N, D, B * N, 1.0 / R,
-                              pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), s_ib, s_im,
-                              EPS=COSINE_EPS, HAS_IDS=ids is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-                              num_warps=warps)
+    kernel(_cos_fwd_kernel, traced)[(nprog,)](
+        pred, target, ids_arg, stats, part, R, M, N, D, 1.0 / R,
+        pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), s_ib, s_im,
+        EPS=COSINE_EPS, HAS_IDS=ids is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     return part.sum(), stats
 
 
-def cosine_bwd(pred, target, ids: Optional[torch.Tensor], stats, g_loss):
+def cosine_bwd(pred, target, ids: Optional[torch.Tensor], stats, g_loss, traced: bool = False):
     pred, target = _inner_contiguous(pred), _inner_contiguous(target)
-    B, N, D = pred.shape
-    dev = pred.device
-    M = ids.shape[1] if ids is not None else N
-    gp = alloc((B, N, D), pred.dtype, dev)
-    block_r, block_d, warps = _settings(D, B * N)
-    _cos_bwd_kernel[(triton.cdiv(B * N, block_r),)](
-        pred, target, stats, g_loss.reshape(1), gp, B * N, N, D, 1.0 / (B * M),
-        pred.stride(0), pred.stride(1), target.stride(0), target.stride(1),
+    B, M, D = pred.shape
+    N = target.shape[1]
+    R = B * M
+    gp = alloc((B, M, D), pred.dtype, pred.device)
+    block_r, block_d, warps = _settings(D, R)
+    ids_arg = ids if ids is not None else stats
+    s_ib, s_im = (ids.stride(0), ids.stride(1)) if ids is not None else (0, 0)
+    kernel(_cos_bwd_kernel, traced)[(triton.cdiv(R, block_r),)](
+        pred, target, ids_arg, stats, g_loss.reshape(1), gp, R, M, N, D, 1.0 / R,
+        pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), s_ib, s_im,
         HAS_IDS=ids is not None, BLOCK_R=block_r, BLOCK_D=block_d, ROUND=needs_bf16_rounding(pred.dtype),
         num_warps=warps)
     return gp
 
 
 # ------------------------------------------------------------------------------- custom ops + autograd
-@torch.library.custom_op("rectok_fast::cosine_distill_fwd", mutates_args=())
+def _fwd_fake(pred, target, ids):
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty((3, pred.shape[0] * pred.shape[1]),
+                                                                   dtype=torch.float32)
+
+
+@define_op("rectok_fast::cosine_distill_fwd", _fwd_fake)
 def _cos_fwd_op(pred: torch.Tensor, target: torch.Tensor,
                 ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return cosine_fwd(pred, target, ids)
+    return cosine_fwd(pred, target, ids, traced=True)
 
 
-@_cos_fwd_op.register_fake
-def _(pred, target, ids):
-    B, N, _ = pred.shape
-    rows = 3 if ids is None else 4
-    return pred.new_empty((), dtype=torch.float32), pred.new_empty((rows, B * N), dtype=torch.float32)
+def _bwd_fake(pred, target, ids, stats, g_loss):
+    return pred.new_empty(pred.shape)
 
 
-@torch.library.custom_op("rectok_fast::cosine_distill_bwd", mutates_args=())
+@define_op("rectok_fast::cosine_distill_bwd", _bwd_fake)
 def _cos_bwd_op(pred: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor], stats: torch.Tensor,
                 g_loss: torch.Tensor) -> torch.Tensor:
-    return cosine_bwd(pred, target, ids, stats, g_loss)
-
-
-@_cos_bwd_op.register_fake
-def _(pred, target, ids, stats, g_loss):
-    return pred.new_empty(pred.shape)
+    return cosine_bwd(pred, target, ids, stats, g_loss, traced=True)
 
 
 def _setup(ctx, inputs, output):
@@ -240,42 +249,15 @@ class _CosineDistill(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ public
-def _check_ids(ids: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{_OP}: ids must be a tensor of token indices, got {type(ids).__name__}")
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise TypeError(f"{_OP}: ids must be an integer tensor (int64 or int32), got {ids.dtype}")
-    if ids.device != pred.device:
-        raise ValueError(f"{_OP}: ids is on {ids.device} but pred is on {pred.device}")
-    if ids.dim() != 2 or ids.shape[0] != pred.shape[0]:
-        raise ValueError(f"ids must be (B, M) with B = {pred.shape[0]}, got {tuple(ids.shape)}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        ids = ids.long()
-    # A range check needs the values on the host: cheap on CPU, a sync on CUDA (opt in with
-    # RECTOK_FAST_CHECK_IDS=1; unchecked, the kernel skips an out-of-range id and returns a NaN loss
-    # instead of touching memory out of bounds). Skipped while torch.compile traces (graph break).
-    if ids.numel() and not torch.compiler.is_compiling() and (ids.device.type == "cpu" or _check_ids_on_gpu()):
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= pred.shape[1]:
-            raise IndexError(f"{_OP}: ids must lie in [0, {pred.shape[1]}) (N tokens), got values in [{lo}, {hi}]")
-    return ids
-
-
-def _check_ids_on_gpu() -> bool:
-    return os.environ.get("RECTOK_FAST_CHECK_IDS", "0") not in ("", "0")
-
-
 def cosine_distill_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Fused :func:`rectok_fast.ops.reference.cosine_distill_loss` (fp32 scalar, no grad to target)."""
+    check_cosine_distill_loss(pred, target, ids)
     check_tensor(_OP, "pred", pred)
-    check_tensor(_OP, "target", target, device=pred.device)
-    if pred.shape != target.shape or pred.dim() != 3:
-        raise ValueError(f"cosine_distill_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
-                         "must both be (B, N, D)")
+    check_tensor(_OP, "target", target)
     if ids is not None:
-        ids = _check_ids(ids, pred)
         if ids.shape[1] == 0:
             return (pred.float() * 0.0).sum()      # the reference's zero loss, still connected to pred
+        check_ids_range(ids, target.shape[1])
     if pred.numel() == 0:
         raise ValueError(f"{_OP}: pred {tuple(pred.shape)} is empty; the mean over no rows is undefined")
     if use_custom_op():
@@ -283,3 +265,28 @@ def cosine_distill_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Ten
     else:
         loss, _ = _CosineDistill.apply(pred, target.detach(), ids)
     return loss
+
+
+def _stats_in_torch(pred, target, ids):
+    """The forward's per-row statistics computed with torch ops (samples that must not launch a kernel)."""
+    if ids is not None:
+        target = torch.gather(target, 1, ids.long()[..., None].expand(-1, -1, target.shape[-1]))
+    p_norm, f_norm = pred.float().norm(dim=-1).flatten(), target.float().norm(dim=-1).flatten()
+    rp, rf = 1.0 / p_norm.clamp_min(COSINE_EPS), 1.0 / f_norm.clamp_min(COSINE_EPS)
+    cos = (pred.float() * target.float()).sum(-1).flatten() * rp * rf
+    return torch.stack([rp, rf, torch.where(p_norm > COSINE_EPS, cos, 0.0)])
+
+
+def opcheck_samples(device) -> list:
+    """One sample call per registered op (forward and backward) for torch.library.opcheck."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 3, 5, generator=g).to(device).requires_grad_(True)
+    target = torch.randn(2, 4, 5, generator=g).to(device)
+    ids = torch.tensor([[0, 3, 3], [2, 1, 0]], device=device)
+    full = torch.randn(2, 3, 5, generator=g).to(device)
+    out = []
+    for t, i in ((target, ids), (full, None)):
+        stats = _stats_in_torch(pred.detach(), t, i)
+        out.append(("rectok_fast::cosine_distill_fwd", (pred, t, i)))
+        out.append(("rectok_fast::cosine_distill_bwd", (pred.detach(), t, i, stats, torch.tensor(1.5, device=device))))
+    return out

@@ -8,13 +8,31 @@ import torch
 # Loaded from skimage/data inside the wheel; others (eagle, brain, ...) need a download and are left out.
 DEMO_IMAGE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                     "motorcycle_left", "retina", "camera", "page")
+#: photos the demo never trains on: its validation set (evaluation during training, the final grid)
+HELDOUT_IMAGE_NAMES = ("coffee", "chelsea")
+SPLITS = ("all", "train", "heldout")
+
+# held-out crops: (side as a fraction of the short side, top, left as fractions of the free room);
+# fixed positions, so every run and every rank evaluates the same pictures
+HELDOUT_CROPS = ((1.0, 0.5, 0.5), (0.6, 0.0, 0.0), (0.6, 0.0, 1.0), (0.6, 1.0, 0.0), (0.6, 1.0, 1.0),
+                 (0.4, 0.5, 0.5), (0.4, 0.2, 0.8), (0.4, 0.8, 0.2))
 
 
-def demo_images_uint8() -> list[np.ndarray]:
-    """The bundled photos as HxWx3 uint8 arrays (grey ones are stacked to RGB)."""
+def demo_image_names(split: str = "all") -> tuple[str, ...]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "all":
+        return DEMO_IMAGE_NAMES
+    held = split == "heldout"
+    return tuple(n for n in DEMO_IMAGE_NAMES if (n in HELDOUT_IMAGE_NAMES) == held)
+
+
+def demo_images_uint8(split: str = "all") -> list[np.ndarray]:
+    """The bundled photos of ``split`` ('train': what the demo source crops from; 'heldout': never
+    trained on) as HxWx3 uint8 arrays (grey ones are stacked to RGB)."""
     from skimage import data as skdata
     out = []
-    for name in DEMO_IMAGE_NAMES:
+    for name in demo_image_names(split):
         loader = getattr(skdata, name, None)
         if loader is None:
             continue
@@ -35,22 +53,45 @@ def demo_images_uint8() -> list[np.ndarray]:
 
 
 def center_crop_resize(img: np.ndarray, size: int) -> torch.Tensor:
-    """Short side to ``size`` (bicubic), center crop, -> (3, size, size) float in [-1, 1]."""
-    from PIL import Image
-    pil = Image.fromarray(img)
-    w, h = pil.size
-    s = size / min(w, h)
-    pil = pil.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = pil.size
-    left, top = (w - size) // 2, (h - size) // 2
-    pil = pil.crop((left, top, left + size, top + size))
-    arr = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return arr / 127.5 - 1.0
+    """(3, size, size) in [-1, 1]: the training preprocessing (official ADM center crop)."""
+    from rectok_fast.data.transforms import preprocess_array
+    return preprocess_array(img, size)
 
 
 def demo_batch(size: int = 256, n: int | None = None) -> torch.Tensor:
-    """(n, 3, size, size) in [-1, 1]: the bundled photos, center-cropped."""
+    """(n, 3, size, size) in [-1, 1]: the bundled photos, center-cropped as in training."""
     imgs = demo_images_uint8()
     if n is not None:
         imgs = [imgs[i % len(imgs)] for i in range(n)]
     return torch.stack([center_crop_resize(im, size) for im in imgs])
+
+
+def heldout_crops(size: int = 64, n: int | None = None) -> torch.Tensor:
+    """(n, 3, size, size) in [-1, 1]: fixed crops of the held-out photos (:data:`HELDOUT_CROPS` of each,
+    photo by photo), through the training preprocessing. ``n`` caps the count."""
+    crops = []
+    for img in demo_images_uint8("heldout"):
+        h, w = img.shape[:2]
+        for frac, top, left in HELDOUT_CROPS:
+            side = int(min(h, w) * frac)
+            y, x = int(round((h - side) * top)), int(round((w - side) * left))
+            crops.append(center_crop_resize(np.ascontiguousarray(img[y:y + side, x:x + side]), size))
+    if n is not None:
+        crops = crops[:n]
+    return torch.stack(crops)
+
+
+def write_demo_image_folder(root: str | None = None, size: int | None = None, quality: int = 95) -> str:
+    """Write the bundled photos as JPEGs into an ImageFolder tree (one class); returns the root."""
+    import os
+    import tempfile
+
+    from PIL import Image
+    root = root or tempfile.mkdtemp(prefix="rectok_demo_")
+    os.makedirs(os.path.join(root, "photos"), exist_ok=True)
+    for i, img in enumerate(demo_images_uint8()):
+        pil = Image.fromarray(img)
+        if size:
+            pil = pil.resize((size, size), Image.BICUBIC)
+        pil.save(os.path.join(root, "photos", f"{i:03d}.jpg"), quality=quality)
+    return root

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 
-OPS = ("flow_interpolate", "posterior_flow_noise", "cosine_distill_loss", "adaln_modulate", "gated_residual")
 OPTIONAL = (("deepspeed", "deepspeed"), ("nvidia.dali", "nvidia-dali-cuda130"), ("timm", "timm"),
             ("torchvision", "torchvision"))
 
@@ -45,7 +44,7 @@ def report() -> str:
     import torch
 
     from rectok_fast import ops
-    from rectok_fast.ops import adaln_ext, backend
+    from rectok_fast.ops import adaln_ext, backend, registry
 
     rows: list[tuple[str, str]] = []
     add = lambda k, v: rows.append((k, str(v)))  # noqa: E731
@@ -56,20 +55,20 @@ def report() -> str:
     add("nvcc", _nvcc_version() or "not found")
     add("CUDA_HOME / TORCH_CUDA_ARCH_LIST", f"{os.environ.get('CUDA_HOME', '-')} / "
         f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '-')}")
-    terr = backend.triton_import_error()
-    add("triton", terr or _version("triton") or "importable (version unknown)")
-    add("triton interpreter", "on (TRITON_INTERPRET=1)" if backend.triton_interpreter_enabled() else "off")
+    caps = backend.capabilities()          # detected once, when rectok_fast.ops was imported
+    add("triton", caps.triton_error or _version("triton") or "importable (version unknown)")
+    add("triton interpreter", "on (TRITON_INTERPRET=1)" if caps.triton_interpreter else "off")
 
-    err = adaln_ext.load_error()
+    err = caps.ext_error
     if err is None:
         ext = adaln_ext.extension()
         add("extension rectok_fast._C", f"built ({getattr(ext, '__file__', '?')})")
         add("  CPU path", "yes")
-        add("  CUDA kernels", "yes (compiled for TORCH_CUDA_ARCH_LIST at build time)" if adaln_ext.has_cuda()
+        add("  CUDA kernels", "yes (compiled for TORCH_CUDA_ARCH_LIST at build time)" if caps.ext_has_cuda
             else "no (built with RECTOK_FAST_SKIP_CUDA=1, without nvcc, or with a CPU-only torch)")
         try:
-            cfg = adaln_ext.cuda_launch_config(1152, torch.bfloat16)
-            add("  CUDA row limit", f"D <= {cfg[2]} (one block per row, {cfg[1]} elements per thread)")
+            cfg = adaln_ext.cuda_launch_config(1152, torch.bfloat16, "adaln_bwd")
+            add("  CUDA row limit", f"D <= {cfg['max_dim']} (one row group of threads per row)")
         except Exception as exc:  # pragma: no cover
             add("  CUDA row limit", f"? ({exc})")
     else:
@@ -86,9 +85,10 @@ def report() -> str:
             backend.set_backend(name)
             for dev in devices:
                 picks = []
-                for op in OPS:
+                for spec in registry.OPS:
+                    op = spec.name
                     try:
-                        picks.append(f"{op}={ops.implementation_for(op, dev)}")
+                        picks.append(f"{op} [{spec.family}]={ops.implementation_for(op, dev)}")
                     except backend.BackendUnavailable as exc:
                         picks.append(f"{op}=UNAVAILABLE ({str(exc).split(': ', 2)[-1].split('. Use')[0]})")
                 add(f"ops under '{name}' on {dev}", "\n    ".join([""] + picks))

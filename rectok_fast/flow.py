@@ -210,7 +210,10 @@ def sample_latents(model, labels: torch.Tensor, num_steps: int = 150, shift: flo
     model.eval()
     if guide_model is not None:
         guide_model.eval()
-    use_autocast = (device.type == "cuda") if autocast is None else bool(autocast)
+    # bf16 weights (a model cast by DeepSpeed's bf16 section) need autocast on any device: x stays fp32
+    low = any(p.dtype in (torch.bfloat16, torch.float16)
+              for m in (model, guide_model) if m is not None for p in m.parameters())
+    use_autocast = (device.type == "cuda" or low) if autocast is None else bool(autocast)
     grid = euler_time_grid(num_steps, shift).tolist()
     x = noise.to(device=device, dtype=torch.float32)
     y = labels.to(device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from rectok_fast import ops
 from rectok_fast.models.discriminator import NLayerDiscriminator
-from rectok_fast.models.tokenizer import SEM_TARGETS
+from rectok_fast.models.tokenizer import SEM_TARGETS, gather_tokens
 
 RECONSTRUCTION_LOSSES = ("l2", "l1", "l2+l1")
 
@@ -94,6 +94,10 @@ class RecTokLoss(nn.Module):
         if not out.sem_pred:
             return torch.zeros((), device=out.recon.device)
         mode = self.sem_target or getattr(out, "sem_mode", "rec+align")
+        picked = getattr(out, "sem_picked", False)
+        if picked and mode != "reconstruction":
+            raise ValueError(f"sem_target={mode!r} scores every token, but the tokenizer projected only the masked "
+                             "ones (its sem_target is 'reconstruction'); use the same mode in both")
         losses = []
         for name, pred in out.sem_pred.items():
             target = out.sem_target[name]
@@ -102,6 +106,8 @@ class RecTokLoss(nn.Module):
                 ids = out.ids_masked
                 if ids is None:   # no masking this step: M = 0
                     ids = torch.zeros(pred.shape[0], 0, dtype=torch.long, device=pred.device)
+                if not picked:    # the decoder predicted every token: score the masked rows
+                    pred = gather_tokens(pred, ids)
             losses.append(ops.cosine_distill_loss(pred, target, ids))
         return torch.stack(losses).mean()
 

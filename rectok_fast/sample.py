@@ -1,11 +1,13 @@
 """Class-conditional sampling: DiT^DH (+ optional AutoGuidance / CFG) -> tokenizer decoder -> PNGs.
 
     python -m rectok_fast.sample --tokenizer RecTok_decft.pth --dit ditdhxl_epoch_0599.pth \\
-        --guide ditdhs_epoch_0029.pth --guidance autoguidance --scale 1.29 --labels 207,360 --num-images 8
+        --guide ditdhs_epoch_0029.pth --guidance autoguidance --scale 1.29 --labels 207,360 --num_images 8
 
 With no checkpoints at all it runs tiny RANDOM models (a smoke test of the whole path, < 1 min on a
 CPU) and says loudly that the images are noise. Official .pth dicts and ours (same layout, see
-:mod:`rectok_fast.checkpoint`) both load. Sampling follows the official evaluation: EMA weights,
+:mod:`rectok_fast.checkpoint`) both load: ours describe their model variant, latent statistics and
+tokenizer (``rectok-sample --dit final.pth`` alone finds the rest); official files load by the
+registered variant names given with ``--*-model`` (a file that does not fit names the variants it fits). Sampling follows the official evaluation: EMA weights,
 Euler ODE on the shifted grid, bf16 autocast on CUDA, uint8 = trunc(255 x).
 """
 from __future__ import annotations
@@ -26,9 +28,8 @@ NO_CHECKPOINT_BANNER = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 """
 
-#: the random stand-ins of the no-checkpoint mode (match the ``rectok_tiny`` tokenizer: 4x4x16 latents)
-TINY_TOKENIZER = dict(teachers={}, gamma=0.0, mask_ratio=0.0, mask_ratio_type="fix")
-TINY_DIT = dict(hidden_size=64, depth=2, num_heads=2, head_hidden_size=64, head_depth=1, head_num_heads=2)
+#: the registered variants of the no-checkpoint mode (4x4x16 latents)
+RANDOM_TOKENIZER, RANDOM_DIT = "rectok_tiny_decft", "ditdh_tiny"
 
 
 class SampleError(RuntimeError):
@@ -43,20 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rectok-sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("models")
-    g.add_argument("--tokenizer", help="tokenizer checkpoint (.pth, official RecTok_decft.pth or ours)")
-    g.add_argument("--tokenizer-model", default="rectok_BB_decft", help="tokenizer preset")
-    g.add_argument("--tokenizer-weights", default="auto", choices=("auto", "model_ema", "model"),
+    g.add_argument("--tokenizer", help="tokenizer checkpoint (.pth, official RecTok_decft.pth or ours); default: "
+                   "the one our DiT checkpoint names")
+    g.add_argument("--tokenizer_model", "--tokenizer-model", default=None, help="tokenizer variant (default: the file's own, else "
+                   "rectok_BB_decft)")
+    g.add_argument("--tokenizer_weights", "--tokenizer-weights", default="auto", choices=("auto", "model_ema", "model"),
                    help="which weights of the tokenizer checkpoint; auto = model_ema if present")
-    g.add_argument("--latent-stats", help="per-channel latent stats (.pt with mean/std); "
+    g.add_argument("--latent_stats", "--latent-stats", help="per-channel latent stats (.pt with mean/std); "
                    "default <tokenizer>.latent_stats.pt, else the DiT checkpoint's 'latent_stats' entry")
     g.add_argument("--dit", help="DiT^DH checkpoint (.pth); its 'model_ema' weights are used")
-    g.add_argument("--dit-model", default="ditdh_xl", help="DiT preset (ditdh_s/b/l/xl)")
+    g.add_argument("--dit_model", "--dit-model", default=None, help="DiT variant (default: the file's own, else ditdh_xl)")
     g.add_argument("--guide", help="AutoGuidance checkpoint (weak model, e.g. ditdhs_epoch_0029.pth; 'model_ema')")
-    g.add_argument("--guide-model", default="ditdh_s", help="preset of the AutoGuidance model")
+    g.add_argument("--guide_model", "--guide-model", default=None, help="variant of the AutoGuidance model (default: the file's "
+                   "own, else ditdh_s)")
     s = p.add_argument_group("sampling")
     s.add_argument("--labels", default="all", help="'all' (cycle 0..num_classes-1) or comma-separated class ids")
-    s.add_argument("--num-images", type=int, default=16)
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--num_images", "--num-images", type=int, default=16)
+    s.add_argument("--batch_size", "--batch-size", type=int, default=16)
     s.add_argument("--steps", type=int, default=150, help="time-grid POINTS (official num_sampling_steps)")
     s.add_argument("--guidance", choices=flow.GUIDANCE_KINDS, default=None,
                    help="default: autoguidance when --guide is given, else none")
@@ -66,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     o = p.add_argument_group("output")
-    o.add_argument("--out-dir", default="samples")
-    o.add_argument("--grid-cols", type=int, default=8)
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--out_dir", "--out-dir", default="samples")
+    o.add_argument("--grid_cols", "--grid-cols", type=int, default=8)
+    o.add_argument("--no_progress", "--no-progress", action="store_true")
     return p
 
 
@@ -91,7 +95,7 @@ def parse_labels(spec: str, num_classes: int) -> list[int]:
 def label_schedule(labels: list[int], num_images: int) -> torch.Tensor:
     """Image i gets labels[i % len(labels)] (the official gFID run cycles 0..999 the same way)."""
     if num_images < 1:
-        raise SampleError(f"--num-images must be >= 1, got {num_images}")
+        raise SampleError(f"--num_images must be >= 1, got {num_images}")
     return torch.tensor([labels[i % len(labels)] for i in range(num_images)], dtype=torch.long)
 
 
@@ -114,75 +118,87 @@ def require_file(path: str, what: str) -> str:
     return path
 
 
-def _load_weights(ckpt: dict, path: str, model, which: str, what: str) -> None:
-    from rectok_fast.checkpoint import CheckpointError, load_official_checkpoint
-    try:
-        load_official_checkpoint(ckpt, model, which=which, ignore_prefixes=getattr(model, "sampling_ignored_prefixes", None))
-    except (CheckpointError, ValueError) as exc:
-        raise SampleError(f"{what} checkpoint {path} does not fit the model: {exc}") from exc
-
-
-def load_dit(path: str, preset: str, device: torch.device, what: str = "DiT"):
-    """Build ``preset`` (or the checkpoint's own 'dit_config') and load its EMA weights
-    ('model' if the file has no 'model_ema'). Returns (model, checkpoint dict)."""
+def _read(path: str, what: str) -> dict:
     from rectok_fast.checkpoint import safe_torch_load
-    from rectok_fast.models.dit import build_dit
     ckpt = safe_torch_load(require_file(path, what))
     if not isinstance(ckpt, dict):
         raise SampleError(f"{what} checkpoint {path} is not a dict")
-    overrides = dict(ckpt.get("dit_config") or {})
-    with torch.device(device):          # initialize straight on the target device (XL: 835M params)
-        model = build_dit(preset, **overrides)
-    which = "model_ema" if "model_ema" in ckpt else "model"
-    if which == "model":
+    return ckpt
+
+
+def _variant(ckpt: dict, given: str | None, official: str) -> str:
+    """The variant to build: the user's, else the file's own description, else the official one."""
+    from rectok_fast.checkpoint import checkpoint_config
+    return given or (checkpoint_config(ckpt) or {}).get("variant") or official
+
+
+def load_dit(path: str, variant: str | None, device: torch.device, what: str = "DiT", official: str = "ditdh_xl",
+             flag: str = "--dit_model"):
+    """Build the DiT a checkpoint holds and load its EMA weights ('model' if the file has no 'model_ema').
+    Returns (model, checkpoint dict)."""
+    from rectok_fast.checkpoint import CheckpointError, build_from_checkpoint
+    ckpt = _read(path, what)
+    over = dict(ckpt.get("dit_config") or {})      # files written before checkpoints described themselves
+    if "model_ema" not in ckpt:
         print(f"[rectok-sample] warning: {path} has no 'model_ema'; sampling with the raw 'model' weights",
               file=sys.stderr)
-    _load_weights(ckpt, path, model, which, what)
+    try:
+        model, _ = build_from_checkpoint(ckpt, _variant(ckpt, variant, official), device=device, flag=flag, **over)
+    except (CheckpointError, ValueError, TypeError) as exc:
+        raise SampleError(f"{what} checkpoint {path} does not fit the model: {exc}") from exc
     return model.to(device).eval(), ckpt
 
 
-def load_tokenizer(path: str, preset: str, weights: str, device: torch.device):
-    """The decoding tokenizer; the semantic decoders / teacher of a stage-1 file are not needed and skipped."""
-    from rectok_fast.checkpoint import safe_torch_load
-    from rectok_fast.models.tokenizer import DECODE_ONLY_IGNORED_PREFIXES, build_tokenizer
-    ckpt = safe_torch_load(require_file(path, "tokenizer"))
-    if not isinstance(ckpt, dict):
-        raise SampleError(f"tokenizer checkpoint {path} is not a dict")
+def load_tokenizer(path: str, variant: str | None, weights: str, device: torch.device):
+    """The decoding tokenizer (the decode-only twin of the variant: a stage-1 file's teacher and semantic
+    decoders are skipped)."""
+    from rectok_fast.checkpoint import CheckpointError, build_from_checkpoint
+    from rectok_fast.models import registry
+    ckpt = _read(path, "tokenizer")
     which = weights if weights != "auto" else ("model_ema" if "model_ema" in ckpt else "model")
-    with torch.device(device):
-        tok = build_tokenizer(preset, teachers={})
-    tok.sampling_ignored_prefixes = DECODE_ONLY_IGNORED_PREFIXES
-    _load_weights(ckpt, path, tok, which, "tokenizer")
+    try:
+        name = registry.decode_only_name(_variant(ckpt, variant, "rectok_BB_decft"))
+        tok, _ = build_from_checkpoint(ckpt, name, which=which, device=device, flag="--tokenizer_model")
+    except (CheckpointError, ValueError, TypeError) as exc:
+        raise SampleError(f"tokenizer checkpoint {path} does not fit the model: {exc}") from exc
     return tok.to(device).eval()
 
 
 def install_latent_stats(tok, stats_path: str | None, tokenizer_path: str, dit_ckpt: dict) -> str:
     """Set the tokenizer's per-channel latent stats; returns where they came from."""
+    from rectok_fast.checkpoint import checkpoint_config
     from rectok_fast.latent_stats import latent_stats_path, load_latent_stats
-    if stats_path is None and os.path.isfile(latent_stats_path(tokenizer_path)):
-        stats_path = latent_stats_path(tokenizer_path)
     if stats_path is not None:
         mean, std = load_latent_stats(require_file(stats_path, "latent stats"))
         tok.set_latent_stats(mean, std)
         return stats_path
-    stats = dit_ckpt.get("latent_stats")
+    stats = (checkpoint_config(dit_ckpt) or {}).get("latent_stats") or dit_ckpt.get("latent_stats")
     if isinstance(stats, dict) and "mean" in stats and "std" in stats:
         tok.set_latent_stats(stats["mean"], stats["std"])
-        return "the DiT checkpoint's 'latent_stats'"
-    print("[rectok-sample] WARNING: no latent stats found (--latent-stats, <tokenizer>.latent_stats.pt, or a "
-          "'latent_stats' entry in the DiT checkpoint): decoding with mean 0 / std 1, which is WRONG for "
-          "the official models.", file=sys.stderr)
+        return "the DiT checkpoint"
+    if os.path.isfile(latent_stats_path(tokenizer_path)):
+        mean, std = load_latent_stats(latent_stats_path(tokenizer_path))
+        tok.set_latent_stats(mean, std)
+        return latent_stats_path(tokenizer_path)
+    print("[rectok-sample] WARNING: no latent stats found (--latent-stats, the DiT checkpoint, or "
+          "<tokenizer>.latent_stats.pt): decoding with mean 0 / std 1, which is WRONG for the official models.",
+          file=sys.stderr)
     return "none (mean 0, std 1)"
+
+
+def recorded_tokenizer(dit_ckpt: dict) -> str | None:
+    """The tokenizer checkpoint our DiT checkpoints name (None for official files or a missing file)."""
+    from rectok_fast.checkpoint import checkpoint_config
+    path = ((checkpoint_config(dit_ckpt) or {}).get("tokenizer") or {}).get("checkpoint")
+    return path if path and os.path.isfile(path) else None
 
 
 def random_models(guided: bool, device: torch.device, seed: int):
     """Tiny random tokenizer + DiT (+ guide) for the no-checkpoint smoke mode."""
-    from rectok_fast.models.dit import build_dit
-    from rectok_fast.models.tokenizer import build_tokenizer
+    from rectok_fast.models.registry import build_model
     torch.manual_seed(seed)
-    tok = build_tokenizer("rectok_tiny", **TINY_TOKENIZER)
-    grid = tok.img_size // tok.patch_size
-    make = lambda: build_dit("ditdh_s", input_size=grid, in_channels=tok.token_channels, **TINY_DIT)  # noqa: E731
+    tok = build_model(RANDOM_TOKENIZER)
+    make = lambda: build_model(RANDOM_DIT, input_size=tok.seq_h, in_channels=tok.token_channels)  # noqa: E731
     dit = make()
     randomize_zero_init(dit)
     guide = None
@@ -206,7 +222,7 @@ def check_latent_match(tok, dit, guide=None) -> None:
     for what, m in (("DiT", dit), ("AutoGuidance model", guide)):
         if m is not None and tuple(m.latent_shape) != want:
             raise SampleError(f"latent shape mismatch: the tokenizer makes latents {want} (C, h, w) but the "
-                              f"{what} expects {tuple(m.latent_shape)}; check --dit-model/--guide-model and the files")
+                              f"{what} expects {tuple(m.latent_shape)}; check --dit_model/--guide_model and the files")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,6 +299,8 @@ def resolve_models(args, device):
             torch.set_num_threads(1)
         tok, dit, guide = random_models(args.guidance == "autoguidance", device, args.seed)
         return tok, dit, guide, True
+    if args.dit and not args.tokenizer and os.path.isfile(args.dit):
+        args.tokenizer = recorded_tokenizer(_read(args.dit, "DiT"))
     if not (args.tokenizer and args.dit):
         missing = "--tokenizer" if not args.tokenizer else "--dit"
         raise SampleError(f"{missing} is missing: real sampling needs both a tokenizer and a DiT checkpoint "
@@ -294,7 +312,8 @@ def resolve_models(args, device):
             require_file(path, what)
     tok = load_tokenizer(args.tokenizer, args.tokenizer_model, args.tokenizer_weights, device)
     dit, dit_ckpt = load_dit(args.dit, args.dit_model, device)
-    guide = load_dit(args.guide, args.guide_model, device, "AutoGuidance")[0] if args.guide else None
+    guide = (load_dit(args.guide, args.guide_model, device, "AutoGuidance", official="ditdh_s", flag="--guide_model")[0]
+             if args.guide else None)
     check_latent_match(tok, dit, guide)
     source = install_latent_stats(tok, args.latent_stats, args.tokenizer, dit_ckpt)
     print(f"[rectok-sample] latent stats: {source}", file=sys.stderr)
@@ -305,7 +324,7 @@ def run(argv=None) -> tuple[list[str], str]:
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     if args.batch_size < 1:
-        raise SampleError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise SampleError(f"--batch_size must be >= 1, got {args.batch_size}")
     tok, dit, guide, random_mode = resolve_models(args, device)   # checks the latent shapes
     labels = label_schedule(parse_labels(args.labels, dit.num_classes), args.num_images)
     paths, grid = generate(tok, dit, labels, args, guide)

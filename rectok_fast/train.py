@@ -4,6 +4,10 @@ Also runs as ``torchrun ... rectok_fast/train.py``, ``python rectok_fast/train.p
 ``python -m rectok_fast.train``. Stages: ``--stage tokenizer`` (stage 1), ``decoder_ft`` (stage 2),
 ``dit`` (DiT^DH generator; ``--preset autoguide`` trains the small AutoGuidance model). With no data
 argument it trains a small preset on the bundled demo photos (see ``--help``).
+
+Exit codes: 0 finished, 2 bad flags, 3 training diverged, 75 stopped by SIGTERM / SIGUSR1 after writing
+a complete checkpoint (continue with ``--resume``; torchrun reports 1 instead, so the run also leaves
+``<output_dir>/PREEMPTED``).
 """
 from __future__ import annotations
 
@@ -24,16 +28,20 @@ if __name__ == "__main__" and __package__ in (None, ""):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing may download at run time
 
 
-def main(argv=None) -> int:
-    from rectok_fast.training.config import parse_args
+def main(argv=None, hooks=None) -> int:
+    """Parse, resolve and validate the command line once, then train. ``hooks``: a
+    :class:`rectok_fast.training.hooks.TrainHooks` (tests inject failures through it)."""
+    from rectok_fast.training.config import parse_config
     from rectok_fast.training.trainer import TrainingDiverged, run
-    args = parse_args(argv)
+    from rectok_fast.training.preemption import EXIT_PREEMPTED
+    cfg = parse_config(argv)
     try:
-        run(args)
+        result = run(cfg, hooks=hooks)
     except TrainingDiverged as exc:
         print(f"[rectok_fast] ERROR: {exc}", file=sys.stderr, flush=True)
         return 3
-    return 0
+    # stopped by SIGTERM / SIGUSR1 after writing a complete checkpoint: 75 (EX_TEMPFAIL), "resume me"
+    return EXIT_PREEMPTED if result.get("preempted") else 0
 
 
 if __name__ == "__main__":

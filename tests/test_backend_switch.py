@@ -24,7 +24,7 @@ def test_use_backend_restores_previous():
 
 def test_reference_backend_never_picks_a_fast_path():
     with ops.use_backend("reference"):
-        for op in ("flow_interpolate", "posterior_flow_noise", "cosine_distill_loss", "adaln_modulate", "gated_residual"):
+        for op in ops.registry.NAMES:
             assert ops.implementation_for(op, "cpu") == "reference"
 
 
@@ -54,21 +54,53 @@ def test_env_var_selects_backend_and_rejects_garbage():
     assert bad.returncode != 0 and "unknown rectok_fast backend 'bogus'" in bad.stderr
 
 
-def test_fused_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with ops.use_backend("fused"):
+def test_fused_triton_on_cpu_without_interpreter_is_a_clear_error():
+    with ops.use_backend("fused"), backend.use_capabilities(triton_interpreter=False):
         with pytest.raises(backend.BackendUnavailable, match="TRITON_INTERPRET=1"):
             ops.implementation_for("cosine_distill_loss", "cpu")
 
 
-def test_fused_extension_missing_is_a_clear_error(monkeypatch):
-    from rectok_fast.ops import adaln_ext
-    monkeypatch.setattr(adaln_ext, "load_error", lambda: "rectok_fast._C is not built (test)")
-    with ops.use_backend("fused"):
-        with pytest.raises(backend.BackendUnavailable, match="not built"):
-            ops.implementation_for("adaln_modulate", "cpu")
-    with ops.use_backend("auto"):
-        assert ops.implementation_for("adaln_modulate", "cpu") == "reference"
+def test_fused_extension_missing_is_a_clear_error():
+    with backend.use_capabilities(ext_error="rectok_fast._C is not built (test)"):
+        with ops.use_backend("fused"):
+            with pytest.raises(backend.BackendUnavailable, match="not built"):
+                ops.implementation_for("adaln_modulate", "cpu")
+        with ops.use_backend("auto"):
+            assert ops.implementation_for("adaln_modulate", "cpu") == "reference"
+
+
+# (triton importable, interpreter, ext error, ext has CUDA) -> expected choice per family on each device
+_CUDA_CASES = [
+    (dict(triton_error=None, ext_error=None, ext_has_cuda=True), "cuda", {"triton": "triton", "cuda-ext": "cuda-ext"}),
+    (dict(triton_error=None, ext_error=None, ext_has_cuda=False), "cuda", {"triton": "triton", "cuda-ext": "reference"}),
+    (dict(triton_error="no triton (test)", ext_error="not built (test)", ext_has_cuda=False), "cuda",
+     {"triton": "reference", "cuda-ext": "reference"}),
+    (dict(triton_error=None, triton_interpreter=True, ext_error=None, ext_has_cuda=False), "cpu",
+     {"triton": "reference", "cuda-ext": "cuda-ext"}),
+]
+
+
+@pytest.mark.parametrize("caps,dev,want", _CUDA_CASES)
+@pytest.mark.parametrize("spec", ops.registry.OPS, ids=lambda s: s.name)
+def test_auto_decisions_follow_the_capabilities(caps, dev, want, spec):
+    """The CUDA-path decisions, checked on any machine by injecting the capabilities."""
+    with ops.use_backend("auto"), backend.use_capabilities(**caps):
+        assert ops.implementation_for(spec.name, dev, torch.bfloat16) == want[spec.family]
+        assert ops.implementation_for(spec.name, dev, torch.float64) == "reference"
+    with ops.use_backend("fused"), backend.use_capabilities(**caps):
+        if want[spec.family] == "reference" and not (dev == "cpu" and spec.family == "triton"):
+            with pytest.raises(backend.BackendUnavailable, match=spec.name):
+                ops.implementation_for(spec.name, dev, torch.bfloat16)
+        else:
+            assert ops.implementation_for(spec.name, dev, torch.bfloat16) == spec.family
+
+
+def test_capabilities_are_detected_once_as_plain_values():
+    caps = backend.capabilities()
+    assert backend.capabilities() is caps
+    for field in ("triton_error", "ext_error"):
+        assert getattr(caps, field) is None or isinstance(getattr(caps, field), str)
+    assert isinstance(caps.triton_interpreter, bool) and isinstance(caps.ext_has_cuda, bool)
 
 
 def test_auto_falls_back_for_float64_and_fused_refuses_it():

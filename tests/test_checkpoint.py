@@ -7,15 +7,15 @@ import pickle
 import pytest
 import torch
 
-from rectok_fast.checkpoint import (CheckpointError, atomic_torch_save, export_official_checkpoint,
-                                    load_official_checkpoint, safe_torch_load)
+from rectok_fast.checkpoint import (CONFIG_KEY, CheckpointError, atomic_torch_save, build_from_checkpoint,
+                                    export_official_checkpoint, load_official_checkpoint, safe_torch_load)
 from rectok_fast.latent_stats import (attach_latent_stats, compute_latent_stats, latent_stats_path,
                                       save_latent_stats)
-from rectok_fast.models.tokenizer import build_tokenizer
+from rectok_fast.models.registry import build_model
 
 
 def tiny(**kw):
-    return build_tokenizer("rectok_tiny", **kw)
+    return build_model("rectok_tiny", **kw)
 
 
 def test_export_load_round_trip(tmp_path):
@@ -25,7 +25,8 @@ def test_export_load_round_trip(tmp_path):
     export_official_checkpoint(a, path, ema_model=ema, epoch=7)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     ck = safe_torch_load(path)
-    assert set(ck) == {"model", "model_ema", "epoch"} and ck["epoch"] == 7
+    assert set(ck) == {"model", "model_ema", "epoch", CONFIG_KEY} and ck["epoch"] == 7
+    assert ck[CONFIG_KEY] == {"kind": "tokenizer", "variant": "rectok_tiny", "overrides": {}, "img_size": 64}
     assert set(ck["model_ema"]) == {n for n, _ in ema.named_parameters()}    # parameters only
     b = tiny()
     load_official_checkpoint(path, b, which="model")
@@ -38,6 +39,27 @@ def test_export_load_round_trip(tmp_path):
         assert torch.equal(v, w), k
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     torch.testing.assert_close(a.eval().reconstruct(x), b.eval().reconstruct(x))
+
+
+def test_build_from_checkpoint_rebuilds_the_variant(tmp_path):
+    """Our files name their variant and overrides: the model comes back from the file alone, EMA weights
+    by default; a stage-1 file also loads into its decode-only twin; a file without the description
+    needs a variant name."""
+    torch.manual_seed(1)
+    a, ema = tiny(img_size=32), tiny(img_size=32)
+    path = tmp_path / "t.pth"
+    export_official_checkpoint(a, path, ema_model=ema)
+    b, ck = build_from_checkpoint(path)
+    assert b.variant_spec == {"kind": "tokenizer", "variant": "rectok_tiny", "overrides": {"img_size": 32}}
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in b.state_dict().items())
+    c, _ = build_from_checkpoint(path, "rectok_tiny_decft", which="model")       # image size read off the weights
+    assert c.img_size == 32 and not c.use_sem
+    assert torch.equal(c.decoder.conv_out.weight, a.decoder.conv_out.weight)
+    del ck[CONFIG_KEY]
+    with pytest.raises(CheckpointError, match="does not describe its model.*fit rectok_tiny, rectok_tiny_decft"):
+        build_from_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="fit the registered variant"):
+        build_from_checkpoint(ck, "rectok_BB")
 
 
 def test_ema_may_lack_persistent_buffers_only():
@@ -102,7 +124,7 @@ def test_atomic_save_replaces(tmp_path):
 
 def test_latent_stats(tmp_path):
     torch.manual_seed(0)
-    tok = tiny(teachers={}).train()
+    tok = build_model("rectok_tiny_decft").train()
     batches = [torch.rand(2, 3, 64, 64) * 2 - 1 for _ in range(3)]
     mean, std, count = compute_latent_stats(tok, batches, progress=False)
     assert tok.training and count == 3 * 2 * 16

@@ -1,56 +1,27 @@
-"""The extension's CUDA sources compile for sm_90 with this machine's nvcc (no GPU needed).
+"""The extension's CUDA sources compile for sm_90 with this machine's nvcc (no GPU needed), every
+kernel instantiation fits in registers (ptxas: zero spill stores/loads, no stack frame), and the
+launch configurations stay inside what the kernels were compiled for.
 
-Fast path (CI): when setup.py already built ``rectok_fast._C`` with its CUDA kernels and the .so is
-newer than every csrc/ source, inspect the .so instead of recompiling: it must embed a fatbinary with
-sm_90 machine code (ELF) that contains every kernel. The toolkit here has no cuobjdump, so the
-fatbinary headers are read directly (magic 0xBA55ED50; each entry: kind 2 = ELF, SM at byte 28). Otherwise (built with RECTOK_FAST_SKIP_CUDA=1, not built, or stale sources)
-compile each csrc/*.cu with nvcc for sm_90 into a temporary directory (slow: about a minute per
-file on two cores). Skipped only when nvcc is absent.
+csrc/*.cu include no ATen, so each compiles standalone in seconds (rectok_fast.ops.adaln_build runs
+nvcc with setup.py's code-generation flags plus --resource-usage). The objects must embed sm_90
+machine code (ELF) -- read from the fatbinary headers (magic 0xBA55ED50; each entry: kind 2 = ELF,
+SM at byte 28), as the toolkit here has no cuobjdump. When setup.py built rectok_fast._C with its CUDA
+kernels from the current sources, the .so is checked the same way. Skipped only when nvcc is absent.
 """
 from __future__ import annotations
 
-import glob
 import os
 import struct
-import shutil
-import subprocess
 import sys
-import sysconfig
 
 import pytest
-import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
-KERNELS = ("adaln_fwd_kernel", "adaln_bwd_kernel", "gated_fwd_kernel", "gated_bwd_kernel", "sum_partials_kernel")
+from rectok_fast.ops import adaln_build
 
+KERNELS = ("adaln_fwd_kernel", "adaln_bwd_kernel", "gated_fwd_kernel", "gated_bwd_token_kernel",
+           "gated_bwd_sample_kernel", "finish_kernel")
 
-def _cuda_home() -> str | None:
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
-
-
-def _nvcc() -> str | None:
-    home = _cuda_home()
-    return os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
-
-
-pytestmark = pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
-
-
-def _sources() -> list[str]:
-    return sorted(glob.glob(os.path.join(CSRC, "*.cu")))
-
-
-def _fresh_cuda_build() -> str | None:
-    """The built extension .so when it has CUDA kernels and is newer than all of csrc/, else None."""
-    from rectok_fast.ops import adaln_ext
-    if adaln_ext.load_error() is not None or not adaln_ext.has_cuda():
-        return None
-    so = adaln_ext.extension().__file__
-    newest_src = max(os.path.getmtime(p) for p in glob.glob(os.path.join(CSRC, "*")))
-    return so if os.path.getmtime(so) >= newest_src else None
-
+pytestmark = pytest.mark.skipif(adaln_build.nvcc_path() is None, reason="nvcc not found (set CUDA_HOME)")
 
 _FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
 
@@ -88,29 +59,58 @@ def _check_kernels(elfs: list[bytes], where: str) -> None:
         assert not missing, f"kernels missing from the sm_90 code of {where}: {missing}"
 
 
-def test_cuda_sources_compile_for_sm90(tmp_path):
-    assert _sources(), "no .cu sources in csrc/"
-    so = _fresh_cuda_build()
-    if so is not None:
-        _check_kernels(_sm90_code(so), so)
-        return
-    # No (fresh) CUDA build to inspect: compile the sources, as setup.py would, for sm_90.
-    site = os.path.dirname(os.path.dirname(torch.__file__))
-    inc = [os.path.join(os.path.dirname(torch.__file__), "include"),
-           os.path.join(os.path.dirname(torch.__file__), "include", "torch", "csrc", "api", "include"),
-           sysconfig.get_paths()["include"], CSRC]
-    inc += [p for p in glob.glob(os.path.join(site, "nvidia", "cu1*", "include")) if os.path.isdir(p)]
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda_build")
+    return [adaln_build.compile_source(src, out) for src in adaln_build.cuda_sources()]
+
+
+def test_cuda_sources_compile_for_sm90(compiled):
+    assert compiled, "no .cu sources in csrc/"
     elfs = []
-    for src in _sources():
-        obj = tmp_path / (os.path.basename(src) + ".o")
-        cmd = [_nvcc(), "-c", src, "-o", str(obj), "-std=c++20", "-O3", "--use_fast_math",
-               "-gencode=arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC", "-DRECTOK_FAST_WITH_CUDA=1",
-               "-DTORCH_EXTENSION_NAME=_C"] + [f"-I{p}" for p in inc]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, f"nvcc failed for {src}:\n{res.stderr[-4000:]}"
+    for obj, _ in compiled:
         assert obj.exists() and obj.stat().st_size > 0
         elfs += _sm90_code(str(obj))
     _check_kernels(elfs, "the compiled objects")
+
+
+def test_no_register_spills(compiled):
+    """ptxas -v of every kernel instantiation: zero spills, no local stack, within 128 registers
+    (the kernels are launched with up to 512 threads)."""
+    rows = [r for _, res in compiled for r in res]
+    names = " ".join(r["kernel"] for r in rows)
+    for k in KERNELS:
+        assert k in names, f"ptxas reported no {k} (parsed: {names[:500]})"
+    bad = [r for r in rows if r["spill_stores"] or r["spill_loads"] or r["stack_bytes"] or r["registers"] > 128]
+    assert not bad, "kernels that spill or use a stack frame:\n" + "\n".join(
+        f"  {r['kernel']}: {r['registers']} regs, spill {r['spill_stores']}/{r['spill_loads']} B, "
+        f"stack {r['stack_bytes']} B" for r in bad)
+
+
+def test_fresh_extension_build_has_sm90_kernels():
+    """When rectok_fast._C was built with CUDA from the current csrc/, its .so carries the kernels."""
+    from rectok_fast.ops import adaln_ext
+    if adaln_ext.load_error() is not None or not adaln_ext.has_cuda():
+        pytest.skip("rectok_fast._C is not built with CUDA kernels")
+    so = adaln_ext.extension().__file__
+    newest_src = max(os.path.getmtime(p) for p in adaln_build.CSRC.iterdir())
+    if os.path.getmtime(so) < newest_src:
+        pytest.skip("rectok_fast._C is older than csrc/: rebuild it")
+    _check_kernels(_sm90_code(so), so)
+
+
+def test_parse_resource_usage():
+    """The ptxas parser reads names, registers, spills, stack and shared memory."""
+    text = ("ptxas info    : Function properties for _Z3fooPf\n"
+            "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+            "ptxas info    : Used 40 registers, used 1 barriers, 8 bytes cumulative stack size, 64 bytes smem\n"
+            "ptxas info    : Function properties for _Z3barv\n"
+            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+            "ptxas info    : Used 12 registers, used 0 barriers\n")
+    foo, bar = adaln_build.parse_resource_usage(text)
+    assert (foo["registers"], foo["spill_stores"], foo["spill_loads"], foo["stack_bytes"], foo["smem_bytes"]) == \
+        (40, 4, 12, 8, 64)
+    assert (bar["registers"], bar["spill_stores"], bar["smem_bytes"]) == (12, 0, 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -105,6 +105,8 @@ def test_corrupt_files_are_skipped_and_counted(folder, tmp_path):
         batches = list(ld.epoch(0))
         assert len(batches) == 2 and all(b["images"].shape == (5, 3, 32, 32) for b in batches)
         assert ld.skipped >= 3, backend
+        if backend == "dali":    # the bad batch went through PIL, then DALI restarted at the next one
+            assert ld._dali.fallback_batches == 1
         assert torch.isfinite(torch.cat([b["images"] for b in batches])).all()
 
 
@@ -120,6 +122,7 @@ def test_dali_cpu_matches_torch_preprocessing(folder):
     d_loader = D.TrainLoader(src, 64, 5, backend="dali", **kw)
     d = torch.cat([b["images"] for b in d_loader.epoch(0)])
     assert d.shape == t.shape == (10, 3, 64, 64)
+    assert d_loader._dali.fallback_batches == 0        # every batch came out of the DALI graph
     for i in range(10):
         mad = (d[i] - t[i]).abs().mean().item()
         corr = torch.corrcoef(torch.stack([d[i].reshape(-1), t[i].reshape(-1)]))[0, 1].item()
@@ -144,3 +147,166 @@ def test_demo_source():
     assert torch.equal(b["images"], b2["images"])
     with pytest.raises(D.DataError, match="fewer than one global batch"):
         D.TrainLoader(src, 32, 40, world=2)
+
+
+def test_file_list_parser_matches_line_by_line_reading(tmp_path):
+    """The vectorised train.txt parser against str.rsplit per line: spaces in paths, tabs, CRLF,
+    comments, blank lines, absolute paths, multi-digit labels, no final newline."""
+    text = ("# a comment\n\n  a/b c.JPEG 12\r\n\tx/y.png\t3  \n/abs/p q/z.jpg 0\n   \n"
+            "# 1 2\nn0/n0_1.JPEG 999\nlast.jpg 7")
+    lst = tmp_path / "train.txt"
+    lst.write_bytes(text.encode())
+    got = list(D.read_file_list(str(lst), "/root"))
+    want = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p, l = line.rsplit(maxsplit=1)
+            want.append((os.path.join("/root", p), int(l)))
+    assert got == want and want[0] == ("/root/a/b c.JPEG", 12) and want[2][0] == "/abs/p q/z.jpg"
+    # random files: words, runs of mixed whitespace, blank and comment lines
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        lines = []
+        for _ in range(int(rng.integers(1, 12))):
+            pad = lambda: "".join(rng.choice([" ", "\t", "\r", "\x0b"], size=int(rng.integers(0, 3))))
+            kind = rng.random()
+            if kind < 0.15:
+                lines.append(pad())
+            elif kind < 0.25:
+                lines.append(pad() + "# c " + str(rng.integers(9)))
+            else:
+                words = ["".join(rng.choice(list("ab/._-é"), size=int(rng.integers(1, 6))))
+                         for _ in range(int(rng.integers(1, 3)))]
+                label = str(rng.integers(0, 10 ** int(rng.integers(1, 7))))
+                lines.append(pad() + (pad() or " ").join(words) + (pad() or " ") + label + pad())
+        if not any(l.strip() and not l.strip().startswith("#") for l in lines):
+            continue
+        text = "\n".join(lines) + ("\n" if rng.random() < 0.5 else "")
+        want = []
+        for line in text.split("\n"):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p, l = line.rsplit(maxsplit=1)
+                want.append((os.path.join("/r", p), int(l)))
+        assert list(D.parse_file_list(text.encode(), "t", "/r")) == want, repr(text)
+    for bad, msg in (("a.jpg\n", "expected 'path label'"), ("a.jpg", "expected 'path label'"),
+                     ("ok.jpg 1\nb.jpg -1\n", ":2: label '-1'"), ("a.jpg 1x\n", "not an integer"),
+                     ("# only comments\n\n", "no samples")):
+        lst.write_text(bad)
+        with pytest.raises(D.DataError, match=msg):
+            D.read_file_list(str(lst))
+
+
+def test_listing_is_made_once_and_shared(folder, tmp_path, monkeypatch):
+    """Rank 0 walks the tree once and writes the listing cache; a new process (memo cleared), other
+    ranks and later passes read it without walking; adding an image makes a new listing."""
+    from rectok_fast.data import sources
+    cache_dir = str(tmp_path / "listing")
+    sources._SOURCES.clear()
+    walks = []
+    real_walk = os.walk
+    monkeypatch.setattr(sources.os, "walk", lambda *a, **k: walks.append(a) or real_walk(*a, **k))
+    src = D.build_source(folder, listing_cache_dir=cache_dir, rank=0)
+    n_walks = len(walks)
+    assert n_walks == 2 and len(os.listdir(cache_dir)) == 1            # one walk per class folder
+    assert D.build_source(folder, listing_cache_dir=cache_dir) is src  # same process: memoised
+    sources._SOURCES.clear()
+    again = D.build_source(folder, listing_cache_dir=cache_dir, rank=1)
+    assert len(walks) == n_walks and again.samples == src.samples and again.num_classes == 2
+    samples, ncls = D.list_image_folder(folder, cache_dir, rank=3, wait_s=0)
+    assert len(walks) == n_walks and list(samples) == list(src.samples)
+    extra = os.path.join(folder, "a_class", "zz_new.png")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(extra)
+    try:
+        os.utime(os.path.join(folder, "a_class"), ns=(1, 1))          # a distinct mtime, also on coarse clocks
+        sources._SOURCES.clear()
+        grown = D.build_source(folder, listing_cache_dir=cache_dir)
+        assert len(grown) == 11 and len(walks) > n_walks and len(os.listdir(cache_dir)) == 2
+    finally:
+        os.unlink(extra)
+        sources._SOURCES.clear()
+
+
+def test_build_loader_reads_old_and_new_config_names(folder, tmp_path):
+    from types import SimpleNamespace
+    common = dict(data_path=folder, file_list=None, loader="torch", img_size=32, batch_size=3, num_workers=0, seed=0)
+    old = D.build_loader(SimpleNamespace(no_drop_last=True, **common), 0, 1, "cpu")
+    new = D.build_loader(SimpleNamespace(drop_last=False, listing_cache_dir=str(tmp_path / "l"), dali_threads=None,
+                                         prefetch=3, **common), 0, 1, "cpu")
+    assert old.steps_per_epoch == new.steps_per_epoch == 4 and not old.drop_last and new.prefetch == 3
+    assert D.build_loader(SimpleNamespace(drop_last=True, **common), 0, 1, "cpu").steps_per_epoch == 3
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_dali_two_ranks_take_equal_steps(folder, drop_last):
+    """The DALI CPU pipeline on 2 ranks: equal step counts and shapes, each rank's batches in plan
+    order (the reader's labels carry index and flip), and together they cover the global batches."""
+    src = D.build_source(folder)
+    loaders = [D.TrainLoader(src, 32, 3, rank=r, world=2, seed=4, backend="dali", drop_last=drop_last,
+                             dali_threads=2, prefetch=2) for r in range(2)]
+    out = [list(ld.epoch(1)) for ld in loaders]
+    pipe = loaders[0]._dali._pipeline([src.path(0)] * 3, [0, 1, 2])    # the settings each epoch builds with
+    assert pipe.exec_async and pipe.exec_pipelined and pipe.num_threads == 2
+    depth = pipe.prefetch_queue_depth
+    assert (min(depth.values()) if isinstance(depth, dict) else depth) >= 2
+    steps = 10 // 6 if drop_last else 2
+    assert [len(o) for o in out] == [steps, steps] == [ld.steps_per_epoch for ld in loaders]
+    plan = D.epoch_plan(10, 2, 3, 4, 1, drop_last=drop_last)
+    for r in range(2):
+        assert loaders[r]._dali.fallback_batches == 0
+        for k, b in enumerate(out[r]):
+            assert b["images"].shape == (3, 3, 32, 32) and torch.isfinite(b["images"]).all()
+            assert torch.equal(b["indices"], plan[k, r])
+            assert torch.equal(b["flipped"], torch.from_numpy(D.sample_flips(4, 1, plan[k, r].numpy())))
+            assert torch.equal(b["labels"], torch.from_numpy(src.labels[plan[k, r].numpy()]))
+    # the flip flag from the plan reaches DALI's mirror: compare with the torch path image by image
+    t = list(D.TrainLoader(src, 32, 3, rank=1, world=2, seed=4, num_workers=0, drop_last=drop_last).epoch(1))
+    for a, b in zip(t, out[1]):
+        assert (a["images"] - b["images"]).abs().mean() < 0.03
+
+
+def test_flips_are_vectorised_and_match_per_sample():
+    idx = np.arange(1000)
+    f = D.sample_flips(3, 2, idx)
+    assert f.dtype == bool and 400 < f.sum() < 600
+    assert [D.sample_flip(3, 2, i) for i in range(50)] == f[:50].tolist()
+    assert not np.array_equal(f, D.sample_flips(3, 3, idx)) and not np.array_equal(f, D.sample_flips(4, 2, idx))
+    assert not D.sample_flips(3, 2, idx, "none").any() and D.sample_flips(3, 2, idx, "always").all()
+
+
+def test_demo_and_training_share_the_preprocessing():
+    from rectok_fast.demo_data import demo_batch
+    photos = demo_images_uint8()
+    batch = demo_batch(48, n=3)
+    for i in range(3):
+        want = D.to_tensor_pm1(D.adm_center_crop(Image.fromarray(photos[i]), 48))
+        assert torch.equal(batch[i], want)
+
+
+def test_dali_graph_geometry_equals_adm_geometry():
+    """The crop geometry computed inside the DALI graph (halvings, Python's round-half-even, crop
+    offset) equals adm_geometry for many sizes, ties and extreme aspect ratios included."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    from rectok_fast.data.dali import _adm_geometry_nodes
+    rng = np.random.default_rng(0)
+    size = 48      # not a power of two: only then can w * size / short end in exactly .5
+    # exact .5 ties of the resize (Python's round goes to even there), after 0..3 halvings
+    ties = [(short * 2 ** j, w * 2 ** j) for j in range(4) for short in range(size, 2 * size)
+            for w in range(short, 3 * short) if (2 * w * size) % short == 0 and (2 * w * size // short) % 2 == 1]
+    ties = ties[:: max(1, len(ties) // 40)]
+    assert len(ties) >= 10
+    hw = np.concatenate([rng.integers(size, 5000, (300, 2)), ties, [[48, 48], [95, 96], [96, 95], [49, 4999],
+                                                                   [5000, 48], [191, 193]]])
+
+    @pipeline_def(batch_size=len(hw), num_threads=1, device_id=None)
+    def pipe():
+        shape = fn.external_source(source=lambda: [np.array([h, w, 3], np.int64) for h, w in hw], dtype=types.INT64)
+        return _adm_geometry_nodes(shape, size)
+    p = pipe()
+    p.build()
+    got = np.stack([[np.asarray(out[i]).item() for i in range(len(hw))] for out in p.run()], 1)
+    want = np.array([D.adm_geometry(int(w), int(h), size) for h, w in hw])
+    assert np.array_equal(got, want), np.flatnonzero((got != want).any(1))[:5]

@@ -9,12 +9,9 @@ import torch
 from rectok_fast import flow, ops
 from rectok_fast.models.dit import build_dit
 
-TINY = dict(input_size=4, in_channels=8, hidden_size=32, depth=1, num_heads=2,
-            head_hidden_size=32, head_depth=1, head_num_heads=2, num_classes=10)
-
-
 def tiny(seed=0, **kw):
-    model = build_dit("ditdh_s", **{**TINY, **kw})
+    """The registered tiny DiT^DH (one encoder block, 8 latent channels), random weights."""
+    model = build_dit("ditdh_tiny", **{"depth": 1, "in_channels": 8, **kw})
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

@@ -1,9 +1,12 @@
 """Triton cosine_distill_loss (kernels/cosine_distill.py) against the reference and an fp64 oracle.
 
+Semantics: pred (B, M, D) predicts the target rows target[b, ids[b, m]] of target (B, N, D) (the
+semantic decoder projects only the masked tokens); without ids pred and target are both (B, N, D).
 Covers the loss and dL/dpred for fp32 and bf16, all tokens and ids with M = 0, M = N (a
 permutation), random M, duplicate ids, int32 and strided ids, zero rows and rows below the
-F.normalize eps, streamed (multi-chunk) rows, strided pred/target views, the backward seed, and
-input errors. Launcher outputs start as NaN (poison_outputs).
+F.normalize eps, streamed (multi-chunk) rows, strided pred/target views, the backward seed,
+out-of-range ids, the tokenizer's masked mode end to end, and input errors. Launcher outputs start
+as NaN (poison_outputs).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def _oracle(pred, target, ids):
         return (pred * 0.0).sum()                     # nothing masked: zero loss, still tied to pred
     if ids is not None:
         b = torch.arange(pred.shape[0], device=pred.device)[:, None]
-        pred, target = pred[b, ids], target[b, ids]
+        target = target[b, ids]
     p = pred / pred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     f = target / target.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (1 - (p * f).sum(-1)).mean()
@@ -52,9 +55,14 @@ def _run_case(pred, target, ids, via="direct", seed=1.7):
     return loss_f, g_f
 
 
-def _inputs(B, N, D, dtype, dev):
-    pred = torch.randn(B, N, D, device=dev)
-    target = torch.randn(B, N, D, device=dev) + 0.5 * pred             # correlated: cos far from 0
+def _inputs(B, N, D, dtype, dev, ids=None):
+    """pred (B, M, D) correlated with its target rows (cos far from 0); M = N without ids."""
+    target = torch.randn(B, N, D, device=dev)
+    if ids is None:
+        pred = torch.randn(B, N, D, device=dev) + 0.5 * target
+    else:
+        picked = target[torch.arange(B, device=dev)[:, None], ids.long()]
+        pred = torch.randn(*ids.shape, D, device=dev) + 0.5 * picked
     return leaf(pred.to(dtype)), target.to(dtype)
 
 
@@ -66,7 +74,6 @@ def test_forward_and_grad(device, dtype, shape, ids_kind, via, monkeypatch):
     via = via_custom_op(via, monkeypatch)
     dev = kernel_device(device)
     B, N, D = shape
-    pred, target = _inputs(B, N, D, dtype, dev)
     if ids_kind == "none":
         ids = None
     elif ids_kind == "all":                                            # M = N, a permutation per sample
@@ -74,29 +81,27 @@ def test_forward_and_grad(device, dtype, shape, ids_kind, via, monkeypatch):
     else:                                                              # ~40% masked, as the tokenizer
         m = max(1, int(0.4 * N))
         ids = torch.stack([torch.randperm(N, device=dev)[:m] for _ in range(B)])
+    pred, target = _inputs(B, N, D, dtype, dev, ids)
     _, g = _run_case(pred, target, ids, via)
-    if ids is not None and ids.shape[1] < N:                          # tokens not picked get exactly zero
-        picked = torch.zeros(B, N, dtype=torch.bool, device=dev)
-        picked[torch.arange(B, device=dev)[:, None], ids] = True
-        assert (g[~picked] == 0).all() and (g[picked] != 0).any()
+    assert (g != 0).all(dim=-1).any(dim=-1).all()                      # every sample's rows get a gradient
 
 
 @pytest.mark.parametrize("via", ["direct", "ops", "customop"])
 def test_empty_ids_gives_zero_loss_and_grad(device, via, monkeypatch):
     via = via_custom_op(via, monkeypatch)
     dev = kernel_device(device)
-    pred, target = _inputs(2, 5, 7, torch.bfloat16, dev)
     ids = torch.empty(2, 0, dtype=torch.long, device=dev)
+    pred, target = _inputs(2, 5, 7, torch.bfloat16, dev, ids)
     loss, g = _run_case(pred, target, ids, via)
     assert loss.item() == 0.0 and loss.dtype == torch.float32
     assert g.shape == pred.shape and (g == 0).all()
 
 
 def test_duplicate_and_int32_and_strided_ids(device):
-    """Duplicated ids accumulate their gradient as torch.gather's backward does."""
+    """Duplicated ids read the same target row for several predictions."""
     dev = kernel_device(device)
-    pred, target = _inputs(3, 9, 20, torch.float32, dev)
     ids = torch.tensor([[1, 1, 4, 8], [2, 2, 2, 0], [7, 3, 5, 3]], device=dev)
+    pred, target = _inputs(3, 9, 20, torch.float32, dev, ids)
     _run_case(pred, target, ids)
     _run_case(pred, target, ids.int())
     ids_t = ids.t().contiguous().t()                                   # (B, M) with strides (1, B)
@@ -124,7 +129,8 @@ def test_streamed_rows(device, dtype, monkeypatch):
     monkeypatch.setattr(cos_mod, "MAX_BLOCK_D", 32)
     pred, target = _inputs(2, 5, 100, dtype, dev)
     _run_case(pred, target, None)
-    _run_case(pred, target, torch.tensor([[0, 3], [4, 4]], device=dev))
+    ids = torch.tensor([[0, 3], [4, 4]], device=dev)
+    _run_case(*_inputs(2, 5, 100, dtype, dev, ids), ids)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -136,7 +142,9 @@ def test_non_contiguous(device, dtype):
     target = teacher[:, 5:]                                                     # drop CLS + registers: strided rows
     assert not pred.is_contiguous() and not target.is_contiguous()
     _run_case(pred, target, None)
-    _run_case(pred, target, torch.tensor([[10, 0, 5], [1, 2, 3]], device=dev))
+    picked = leaf(torch.randn(B, 8, D, device=dev).to(dtype))[:, ::2]          # every other row of a bigger tensor
+    assert not picked.is_contiguous()
+    _run_case(picked, target, torch.tensor([[10, 0, 5, 5], [1, 2, 3, 9]], device=dev))
 
 
 def test_target_gets_no_gradient(device):
@@ -167,27 +175,118 @@ def test_matches_official_formula(device):
 def test_input_errors(device):
     dev = kernel_device(device)
     pred = torch.randn(2, 5, 4, device=dev)
-    with pytest.raises(ValueError, match="must both be"):
-        fused_cos(pred, torch.randn(2, 5, 3, device=dev))
-    with pytest.raises(ValueError, match="must both be"):
-        fused_cos(pred[0], pred[0])
-    with pytest.raises(ValueError, match=r"ids must be \(B, M\)"):
-        fused_cos(pred, pred, torch.zeros(3, 2, dtype=torch.long, device=dev))
-    with pytest.raises(TypeError, match="integer"):
-        fused_cos(pred, pred, torch.zeros(2, 2, device=dev))
+    for fn in (fused_cos, reference.cosine_distill_loss):      # one contract for both paths
+        with pytest.raises(ValueError, match="same shape"):
+            fn(pred, torch.randn(2, 5, 3, device=dev))
+        with pytest.raises(ValueError, match="must both be"):
+            fn(pred[0], pred[0])
+        with pytest.raises(ValueError, match=r"ids must be \(B, M\)"):
+            fn(pred, pred, torch.zeros(3, 5, dtype=torch.long, device=dev))
+        with pytest.raises(ValueError, match=r"ids must be \(B, M\)"):
+            fn(pred, pred, torch.zeros(2, 4, dtype=torch.long, device=dev))   # one id per pred row
+        with pytest.raises(TypeError, match="integer"):
+            fn(pred, pred, torch.zeros(2, 5, device=dev))
+        with pytest.raises(ValueError, match="target"):
+            fn(pred[:, :2], torch.randn(2, 7, 3, device=dev), torch.zeros(2, 2, dtype=torch.long, device=dev))
     with pytest.raises(TypeError, match="dtype"):
         fused_cos(pred.long(), pred.long())
-    if dev.type == "cpu":                     # on CUDA the range check is opt-in (RECTOK_FAST_CHECK_IDS=1)
-        with pytest.raises(IndexError, match=r"\[0, 5\)"):
-            fused_cos(pred, pred, torch.tensor([[0, 5], [1, 2]], device=dev))
-        with pytest.raises(IndexError, match=r"\[0, 5\)"):
-            fused_cos(pred, pred, torch.tensor([[0, -1], [1, 2]], device=dev))
+
+
+@pytest.mark.parametrize("bad", [[[0, 7], [1, 2]], [[0, 1], [-1, 2]]])
+@pytest.mark.parametrize("impl", ["fused", "reference", "ops"])
+def test_out_of_range_ids_are_a_clear_error(device, bad, impl):
+    """CPU: an IndexError naming the range. (CUDA: a device-side assert, see registry.check_ids_range.)"""
+    dev = kernel_device(device)
+    if dev.type != "cpu":
+        pytest.skip("on CUDA the check is a device-side assert, which would poison the test process")
+    pred, target = torch.randn(2, 2, 4, device=dev), torch.randn(2, 7, 4, device=dev)
+    ids = torch.tensor(bad, device=dev)
+    with pytest.raises(IndexError, match=r"\[0, 7\)"):
+        if impl == "fused":
+            fused_cos(pred, target, ids)
+        elif impl == "reference":
+            reference.cosine_distill_loss(pred, target, ids)
+        else:
+            with ops.use_backend("fused"):
+                ops.cosine_distill_loss(pred, target, ids)
 
 
 def test_out_of_range_ids_never_touch_memory(device):
-    """Unchecked (as on CUDA without RECTOK_FAST_CHECK_IDS=1) bad ids give a NaN loss, no OOB access."""
+    """Unchecked (inside a compiled graph) bad ids give a NaN loss and NaN gradient rows, no OOB access."""
     dev = kernel_device(device)
-    pred, target = _inputs(2, 5, 8, torch.float32, dev)
-    loss, stats = cos_mod.cosine_fwd(pred.detach(), target, torch.tensor([[0, 5], [1, -2]], device=dev))
+    ids = torch.tensor([[0, 5], [1, -2]], device=dev)
+    pred = torch.randn(2, 2, 8, device=dev)
+    target = torch.randn(2, 5, 8, device=dev)
+    loss, stats = cos_mod.cosine_fwd(pred, target, ids)
     assert torch.isnan(loss)
-    assert stats[3].sum().item() == 2.0               # only the two valid ids were counted
+    assert torch.isnan(stats[:, [1, 3]]).all() and torch.isfinite(stats[:, [0, 2]]).all()
+    g = cos_mod.cosine_bwd(pred, target, ids, stats, torch.tensor(1.0, device=dev))
+    assert torch.isnan(g[0, 1]).all() and torch.isfinite(g[0, 0]).all()
+
+
+def test_masked_mode_projects_only_the_picked_tokens(device):
+    """The tokenizer's 'reconstruction' mode: the semantic decoder gathers hidden states at the masked
+    ids before its output projection; loss and every parameter gradient equal projecting all tokens
+    and scoring the masked rows (the official formulation)."""
+    from types import SimpleNamespace
+
+    from rectok_fast.losses import RecTokLoss
+    from rectok_fast.models.tokenizer import TransformerSemDecoder, gather_tokens
+
+    dev = kernel_device(device)
+    torch.manual_seed(3)
+    dec = TransformerSemDecoder(64, 16, "tiny", 16, 24).to(dev)
+    z = torch.randn(2, 16, 16, device=dev)
+    ids = torch.stack([torch.randperm(16, device=dev)[:6] for _ in range(2)])
+    target = torch.randn(2, 16, 24, device=dev)
+    loss_fn = RecTokLoss(None, None, sem_target="reconstruction")
+    results = []
+    for picked in (True, False):
+        dec.zero_grad()
+        pred = dec(z, None, ids if picked else None)
+        assert pred.shape == ((2, 6, 24) if picked else (2, 16, 24))
+        out = SimpleNamespace(sem_pred={"t": pred}, sem_target={"t": target}, ids_masked=ids,
+                              sem_mode="reconstruction", sem_picked=picked, recon=target)
+        with ops.use_backend("fused"):
+            loss = loss_fn.sem_loss(out)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in dec.parameters()]))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2)
+    assert sum(g is not None for g in g1) > 5
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    full = dec(z)
+    torch.testing.assert_close(dec(z, None, ids), gather_tokens(full, ids), rtol=1e-5, atol=1e-6)
+
+
+def test_tokenizer_reconstruction_mode_hands_the_loss_only_masked_rows():
+    """RecTok in 'reconstruction' mode: sem_pred is (B, N - L, Dt) at ids_masked (flagged sem_picked),
+    the teacher features are used as they are (no copy), and the loss runs on them."""
+    import random
+
+    from rectok_fast.losses import RecTokLoss
+    from rectok_fast.models.tokenizer import build_tokenizer
+
+    class StandIn(torch.nn.Module):          # teacher stand-in: fixed random features, no grad
+        def forward(self, images):
+            with torch.no_grad():
+                return torch.randn(images.shape[0], 16, 64)
+
+    torch.manual_seed(0)
+    random.seed(0)
+    tok = build_tokenizer("rectok_tiny", mask_ratio=0.4, mask_ratio_min=0.3, sem_target="reconstruction").train()
+    teacher = StandIn()
+    seen = []
+    teacher.register_forward_hook(lambda m, i, o: seen.append(o))
+    tok.attach_teacher("dinov3", teacher)
+    out = tok(torch.rand(2, 3, 64, 64) * 2 - 1)
+    m = out.ids_masked.shape[1]
+    assert m > 0 and out.sem_picked
+    assert out.sem_pred["dinov3"].shape == (2, m, 64) and out.sem_target["dinov3"].shape == (2, 16, 64)
+    assert out.sem_target["dinov3"] is seen[0]
+    loss = RecTokLoss(None, None).sem_loss(out)
+    loss.backward()
+    assert torch.isfinite(loss) and tok.sem_decoders["dinov3"].out.weight.grad is not None

@@ -14,7 +14,7 @@ from rectok_fast.models.discriminator import NLayerDiscriminator
 from rectok_fast.models.perceptual import LPIPS, PerceptualLoss
 from rectok_fast.models.teacher import build_teacher
 from rectok_fast.models.tokenizer import build_tokenizer
-from tests.test_tokenizer import SECS
+from test_tokenizer import SECS  # not "tests.test_tokenizer": torch-fidelity installs a top-level "tests" package
 
 
 class TinyClassifier(nn.Module):

@@ -72,7 +72,7 @@ def test_teacher_is_frozen_and_shapes(source_teacher):
     assert not t.training and not t.model.training
     x = torch.rand(2, 3, 64, 64, requires_grad=True) * 2 - 1
     f = t(x)
-    assert f.shape == (2, 16, 64) and f.is_inference() and not f.requires_grad
+    assert f.shape == (2, 16, 64) and not f.requires_grad
     assert t.num_prefix_tokens == 5   # CLS + 4 registers dropped
 
 

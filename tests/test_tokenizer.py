@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from rectok_fast.models.rope import apply_rope, rope_table
 from rectok_fast.models.tokenizer import (DepthToSpacePC, build_tokenizer, num_visible, random_masking_ids,
                                           sample_mask_ratio, unshuffle_with_mask)
 
-KEYS_FILE = "/work/shared/spec/official-keys-rectok.txt"
+# A copy of spec/official-keys-rectok.txt ships with the tests (the official model's state-dict listing).
+KEYS_FILE = Path(__file__).resolve().parent / "data" / "official-keys-rectok.txt"
 
 
 def official_sections() -> dict[str, dict[str, tuple]]:

@@ -2,8 +2,8 @@
 quirk), checkpoint completeness, config validation, NaN skipping, latent cache vs online."""
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 
 import pytest
@@ -104,67 +104,109 @@ def test_checkpoint_marker_latest_and_cut_off(tmp_path):
     (["--ema_decay", "1.5"], "--ema_decay"),
     (["--deepspeed_config", "/nonexistent.json"], "does not exist"),
     (["--emulate_ranks", "0"], "--emulate_ranks"),
+    (["--grad_accum", "0"], "--grad_accum must be >= 1"),
+    (["--keep_every_epochs", "-1"], "--keep_every_epochs must be >= 0"),
+    (["--model", "ditdh_s"], "--stage tokenizer trains a tokenizer"),
+    (["--stage", "decoder_ft", "--model", "rectok_tiny"], "use --model rectok_tiny_decft"),
+    (["--stage", "dit", "--vgg_weights", __file__], "--vgg_weights is for the tokenizer stages"),
+    (["--no_gan", "--disc_start_epoch", "3"], "contradict"),
 ])
 def test_bad_flags_fail_before_work(argv, msg, capsys):
     with pytest.raises(SystemExit):
-        C.parse_args(argv + ["--output_dir", "/tmp/never_created_rectok"])
+        C.parse_config(argv + ["--output_dir", "/tmp/never_created_rectok"])
     assert msg in capsys.readouterr().err
     assert not os.path.exists("/tmp/never_created_rectok")
 
 
 def test_config_precedence():
-    a = C.parse_args(["--stage", "dit", "--preset", "official", "--batch_size", "32"])
-    assert a.model == "ditdh_xl" and a.lr == 2e-4 and a.end_lr == 2e-5 and a.clip_grad == 1.0
-    assert a.ema_decay == 0.9995 and a.batch_size == 32 and a.decay_start_epoch == 40
-    t = C.parse_args(["--preset", "official", "--stage", "tokenizer"])
-    assert t.lr is None and t.blr == 1e-4 and t.warmup_epochs == 50 and t.disc_start_epoch == 100
-    d = C.parse_args([])
-    assert d.preset == "demo" and d.model == "rectok_tiny"
-    g = C.parse_args(["--stage", "dit", "--preset", "autoguide"])
-    assert g.model == "ditdh_s" and g.epochs == 30
+    a = C.parse_config(["--stage", "dit", "--preset", "official", "--batch_size", "32"])
+    assert a.model.variant == "ditdh_xl" and a.model.tokenizer == "rectok_BB_decft" and dict(a.model.overrides) == {}
+    assert a.optim.lr == a.schedule.lr == 2e-4 and a.schedule.end_lr == 2e-5 and a.optim.clip_grad == 1.0
+    assert a.optim.ema_decay == 0.9995 and a.data.batch_size == 32 and a.schedule.decay_start_epoch == 40
+    assert a.schedule.kind == "constant_linear" and a.optim.grad_accum == 1
+    t = C.parse_config(["--preset", "official", "--stage", "tokenizer"])
+    assert t.flags["blr"] == 1e-4 and t.optim.lr == pytest.approx(1e-4 * 64 / 256)      # blr x global / 256
+    assert t.schedule.warmup_epochs == 50 and t.loss.disc_start_epoch == 100 and t.loss.convnext
+    d = C.parse_config([])
+    assert d.preset == "demo" and d.model.variant == "rectok_demo" and dict(d.model.overrides) == {}
+    g = C.parse_config(["--stage", "dit", "--preset", "autoguide"])
+    assert g.model.variant == "ditdh_s" and g.schedule.epochs == 30
+    k = C.parse_config(["--stage", "dit", "--preset", "tiny"])
+    assert k.model.variant == "ditdh_tiny" and k.model.tokenizer == "rectok_tiny_decft"
+    assert dict(k.model.overrides) == {"input_size": 2} and dict(k.model.tokenizer_overrides) == {"img_size": 32}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        k.optim.lr = 1.0
 
 
-def _run(argv):
+def test_grad_accum_from_ds_json_and_flag(tmp_path, monkeypatch):
+    """gradient_accumulation_steps comes from ds.json or --grad_accum; the LR scales with the EFFECTIVE
+    global batch (micro x accum x ranks); contradictions are refused."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    c = C.parse_config(["--preset", "official", "--deepspeed_config", str(ds), "--batch_size", "16"])
+    assert c.optim.grad_accum == 4 and c.optim.global_batch == 16 * 4 * 2
+    assert c.optim.lr == pytest.approx(1e-4 * 128 / 256)
+    assert C.parse_config(["--preset", "official", "--deepspeed_config", str(ds), "--grad_accum", "4"]).optim.grad_accum == 4
+    with pytest.raises(C.ConfigError, match="contradicts gradient_accumulation_steps 4"):
+        C.resolve(C.build_parser().parse_args(["--preset", "official", "--deepspeed_config", str(ds), "--grad_accum", "2"]))
+    ds.write_text(json.dumps({"train_batch_size": 100, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(C.ConfigError, match="train_batch_size 100"):
+        C.resolve(C.build_parser().parse_args(["--preset", "official", "--deepspeed_config", str(ds)]))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert C.parse_config(["--preset", "tiny", "--grad_accum", "3"]).optim.global_batch == 12
+
+
+def test_milestones_by_epoch_survive_pruning(tmp_path):
+    """--keep_every_epochs: checkpoints at every epoch multiple, saved even when --ckpt_every misses
+    them, and never pruned; the others keep only the newest --keep_last."""
+    from rectok_fast.training.checkpointer import Checkpointer
+    assert Checkpointer.milestone_steps(2, 7, 50) == {14, 28, 42}
+    assert Checkpointer.milestone_steps(0.5, 7, 20) == {3, 7, 10, 14, 17}
+    assert Checkpointer.milestone_steps(0, 7, 50) == set()
+    root = str(tmp_path)
+    for step in (3, 6, 7, 9, 12, 14, 15):
+        d = tmp_path / R.tag_for(step)
+        d.mkdir()
+        (d / "x.pt").write_bytes(b"x")
+        R.mark_complete(root, R.tag_for(step), {"step": step, "milestone": step in (7, 14)})
+        R.prune(root, keep_last=1)
+    assert R.list_tags(root) == ["step_00000007", "step_00000014", "step_00000015"]
+
+
+def _run(argv, hooks=None):
     from rectok_fast.training.trainer import run
-    return run(C.parse_args(argv))
+    return run(C.parse_config(argv), hooks=hooks)
 
 
-def test_nan_loss_skips_then_stops(tmp_path, monkeypatch):
+def test_nonfinite_gradients_skip_then_stop(tmp_path):
+    """A NaN loss (injected through the hooks, so the NaN really flows into the gradients) skips the
+    update, is counted, and --max_bad_steps in a row stop the run."""
+    from train_hooked import NonFiniteAt
     from rectok_fast.training.trainer import TrainingDiverged
     out = str(tmp_path / "nan")
-    monkeypatch.setenv("RECTOK_FAST_TEST_NAN_AT_STEPS", "1")
-    res = _run(["--preset", "tiny", "--stage", "dit", "--max_steps", "3", "--output_dir", out, "--no_progress"])
+    argv = ["--preset", "tiny", "--stage", "dit", "--no_progress", "--seed", "4"]
+    res = _run(argv + ["--max_steps", "3", "--output_dir", out], hooks=NonFiniteAt({1}))
     assert res["bad_steps"] == 1 and res["steps"] == 3
-    monkeypatch.setenv("RECTOK_FAST_TEST_NAN_AT_STEPS", "0,1,2,3")
+    final = torch.load(os.path.join(out, "final.pth"), weights_only=True)
+    for key in ("model", "model_ema"):
+        assert all(torch.isfinite(v).all() for v in final[key].values()), key
     with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
-        _run(["--preset", "tiny", "--stage", "dit", "--max_steps", "6", "--max_bad_steps", "3",
-              "--output_dir", out + "2", "--no_progress"])
+        _run(argv + ["--max_steps", "6", "--max_bad_steps", "3", "--output_dir", out + "2"],
+             hooks=NonFiniteAt({0, 1, 2, 3}, value=float("inf")))
 
 
-def test_latent_cache_matches_online(tmp_path):
-    """Same seed, same data: the DiT batches (normalized posterior samples) from the cache equal the
-    online ones (cache stored in fp32 here; bf16 storage rounds the moments)."""
-    from rectok_fast.training.latent_cache import CacheLoader, LatentCache, build_latent_cache
-    from rectok_fast.training.trainer import DiTTask, seed_step
-    from rectok_fast.data import TrainLoader, build_source
-    import contextlib
-    args = C.parse_args(["--preset", "tiny", "--stage", "dit", "--output_dir", str(tmp_path / "o")])
-    task = DiTTask(args, torch.device("cpu"), 0, 1, lambda: None)
-    src = build_source()
-    build_latent_cache(str(tmp_path / "cache"), task.tok, src, args.img_size, 0, 1, 8, "cpu", "fp32",
-                       seed=args.seed, progress=False)
-    cache = LatentCache(str(tmp_path / "cache"))
-    online = TrainLoader(src, args.img_size, 4, seed=args.seed, num_workers=0)
-    cached = CacheLoader(cache, 4, 0, 1, args.seed)
-    n = 0
-    for epoch in (0,):
-        for a, b in zip(online.epoch(epoch), cached.epoch(epoch)):
-            # the demo source draws a new crop per epoch; the cache holds epoch 0's, so compare epoch 0
-            assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["flipped"], b["flipped"])
-            seed_step(0, n, 0)
-            za = task.latents(a, contextlib.nullcontext)
-            seed_step(0, n, 0)
-            zb = task.latents(b, contextlib.nullcontext)
-            assert torch.allclose(za, zb, atol=1e-5, rtol=1e-5), (za - zb).abs().max()
-            n += 1
-    assert n == online.steps_per_epoch
+def test_self_describing_checkpoints_name_the_tokenizer_variant(tmp_path):
+    """--tokenizer_ckpt (dit) / --load_from (decoder_ft) written by us name their variant: it becomes the
+    run's tokenizer unless --tokenizer / --model says otherwise; an image-size mismatch is refused early."""
+    from rectok_fast.checkpoint import export_official_checkpoint
+    from rectok_fast.models.registry import build_model
+    path = str(tmp_path / "tok.pth")
+    export_official_checkpoint(build_model("rectok_tiny", img_size=32), path)
+    d = C.parse_config(["--stage", "dit", "--preset", "official", "--tokenizer_ckpt", path, "--img_size", "32"])
+    assert d.model.tokenizer == "rectok_tiny_decft" and dict(d.model.tokenizer_overrides) == {"img_size": 32}
+    assert d.model.overrides["in_channels"] == 16 and d.model.overrides["input_size"] == 2
+    f = C.parse_config(["--stage", "decoder_ft", "--preset", "official", "--load_from", path, "--img_size", "32"])
+    assert f.model.variant == "rectok_tiny_decft"
+    with pytest.raises(C.ConfigError, match="32 px images .*pass --img_size 32"):
+        C.resolve(C.build_parser().parse_args(["--stage", "dit", "--preset", "official", "--tokenizer_ckpt", path]))

@@ -70,13 +70,11 @@ class DiTConfig:
         return self
 
 
-#: encoder sizes of the four variants; all share the 2 x 2048 DDT head (builders.py -> DDT.py defaults).
-DIT_PRESETS: dict[str, dict] = {
-    "ditdh_s": dict(hidden_size=384, depth=12, num_heads=6),
-    "ditdh_b": dict(hidden_size=768, depth=12, num_heads=12),
-    "ditdh_l": dict(hidden_size=1024, depth=24, num_heads=16),
-    "ditdh_xl": dict(hidden_size=1152, depth=28, num_heads=16),
-}
+#: variant name -> config fields: the DiT rows of the registry (rectok_fast.models.registry): the four
+#: official sizes (encoder width/depth/heads; all share the 2 x 2048 DDT head) and the tiny test/demo model.
+from rectok_fast.models.registry import configs as _registry_configs  # noqa: E402
+
+DIT_PRESETS: dict[str, dict] = _registry_configs("dit")
 _ALIASES = {"ditddt_s": "ditdh_s", "ditddt_b": "ditdh_b", "ditddt_l": "ditdh_l", "ditddt_xl": "ditdh_xl"}
 
 
@@ -100,7 +98,11 @@ def build_dit(name: str = "ditdh_xl", **overrides) -> "DiTwDDTHead":
     To build without allocating memory (e.g. to count XL parameters), wrap the call in
     ``with torch.device("meta"):``.
     """
-    return DiTwDDTHead(dit_config(name, **overrides))
+    model = DiTwDDTHead(dit_config(name, **overrides))
+    key = _ALIASES.get(str(name).strip().lower().replace("-", "_"), str(name).strip().lower().replace("-", "_"))
+    # what a self-describing checkpoint stores to rebuild it (rectok_fast.checkpoint.build_from_checkpoint)
+    model.variant_spec = {"kind": "dit", "variant": key, "overrides": dict(overrides)}
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------

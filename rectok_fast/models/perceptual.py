@@ -79,22 +79,26 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_weights: str | None = None, lin_weights: str | None = None):
         super().__init__()
-        from torchvision.models import vgg16
-        vgg = vgg16(weights=None)
+        # only VGG16's conv trunk: torchvision's vgg16() would also build (and initialise) its 120M-parameter
+        # classifier, which LPIPS never uses
+        from torchvision.models.vgg import cfgs, make_layers
+        features = make_layers(cfgs["D"], batch_norm=False)
+        for m in features.modules():
+            if isinstance(m, nn.Conv2d):   # torchvision's VGG init, for the random stand-in
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         if vgg_weights is not None:
             state = _load_local(vgg_weights)
-            if not any(k.startswith("features.") for k in state):
-                state = {f"features.{k}": v for k, v in state.items()}
-            state = {k: v for k, v in state.items() if k.startswith("features.")}
-            missing, unexpected = vgg.load_state_dict(state, strict=False)
-            missing = [k for k in missing if k.startswith("features.")]
+            if any(k.startswith("features.") for k in state):
+                state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+            missing, unexpected = features.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise KeyError(f"{vgg_weights}: VGG16 features mismatch: missing {missing}, unexpected {unexpected}")
         else:
             loud_warning("LPIPS: VGG16 trunk has RANDOM weights (no vgg_weights file given); the perceptual "
                          "loss is meaningless. Tests/smoke runs only.")
         self.scaling_layer = ScalingLayer()
-        self.net = VGGSlices(vgg.features)
+        self.net = VGGSlices(features)
         for k, c in enumerate(VGG_CHANNELS):
             setattr(self, f"lin{k}", NetLinLayer(c))
         if lin_weights is not None:

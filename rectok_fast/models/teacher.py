@@ -90,7 +90,7 @@ def dinov2_preprocess(images: torch.Tensor, out_size: int, resize: int = 518,
 
 class Teacher(nn.Module):
     """Frozen ViT: ``teacher(images in [-1, 1]) -> (B, grid*grid, D)`` patch features of the last
-    layer after the final norm, CLS and register tokens dropped. Always eval, no grad, inference mode."""
+    layer after the final norm, CLS and register tokens dropped. Always eval, no grad."""
 
     def __init__(self, model: nn.Module, kind: str, img_size: int, patch_size: int = 16,
                  resize: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, random_weights: bool = False):
@@ -117,7 +117,9 @@ class Teacher(nn.Module):
             return dinov3_preprocess(images, self.img_size, self.resize, self.mean, self.std)
         return dinov2_preprocess(images, self.grid * 14, self.resize, self.mean, self.std)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the features are saved by the distillation loss's backward, which
+    # inference tensors cannot be (it would need a copy of every feature map each step)
+    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher expects (B, 3, H, W) images in [-1, 1], got {tuple(images.shape)}")

@@ -12,6 +12,7 @@ tau = 1 is pure noise (:data:`rectok_fast.flow.TAU_IS_NOISE`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -86,15 +87,11 @@ class TokenizerConfig:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
 
-PRESETS = {
-    # official: encoder base + decoder base, semantic decoder tiny, C = 128, DINOv3 ViT-L teacher
-    "rectok_BB": dict(),
-    # decoder fine-tuning / DiT tokenizer layout (no teacher, no semantic decoder)
-    "rectok_BB_decft": dict(teachers={}, gamma=0.0, mask_ratio=0.0, mask_ratio_type="fix"),
-    # tests and the demo: 64 px, 4x4 tokens, tiny everything, small stand-in teacher width
-    "rectok_tiny": dict(img_size=64, encoder_size="tiny", decoder_size="tiny", token_channels=16,
-                        teachers={"dinov3": 64}),
-}
+# Variant name -> config fields: the tokenizer rows of the registry (rectok_fast.models.registry), the one
+# place where variants (rectok_BB, rectok_tiny, rectok_demo and their decode-only *_decft twins) are defined.
+from rectok_fast.models.registry import configs as _registry_configs  # noqa: E402
+
+PRESETS = _registry_configs("tokenizer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,15 +217,29 @@ class Encoder(nn.Module):
         self.register_buffer("rope_tensor", rope_table(width // cfg["heads"], self.grid, self.grid),
                              persistent=False)
 
-    def forward(self, x: torch.Tensor, mask: bool = True) -> EncoderOutput:
-        """``mask`` allows MAE masking; it happens only in training mode with mask_ratio > 0."""
+    def draw_len_keep(self) -> int | None:
+        """Visible-token count L of the next masked step, from the official ratio draw (Python ``random``);
+        None (and no draw) when the next forward does not mask (eval mode or mask_ratio = 0).
+
+        Host code: a compiled training forward takes L as an argument (``len_keep``) drawn by the
+        caller with this method, so the graph holds no Python-random draw. Python's ``random`` stream
+        is separate from torch's, so drawing it first changes no value."""
+        if not (self.training and self.mask_ratio > 0):
+            return None
+        r = sample_mask_ratio(self.mask_ratio, self.mask_ratio_min, self.random_mask_ratio, self.mask_rng)
+        return num_visible(self.seq_len, r)
+
+    def forward(self, x: torch.Tensor, mask: bool = True, len_keep: int | None = None) -> EncoderOutput:
+        """``mask`` allows MAE masking; it happens only in training mode with mask_ratio > 0, keeping
+        ``len_keep`` tokens (drawn here when None, see :meth:`draw_len_keep`)."""
         x = self.patch_embed(x) + self.positional_embedding
         b = x.shape[0]
         rope = self.rope_tensor.expand(b, -1, -1)
         ids = None
         if mask and self.training and self.mask_ratio > 0:
-            r = sample_mask_ratio(self.mask_ratio, self.mask_ratio_min, self.random_mask_ratio, self.mask_rng)
-            ids = random_masking_ids(b, self.seq_len, num_visible(self.seq_len, r), device=x.device)
+            if len_keep is None:
+                len_keep = self.draw_len_keep()
+            ids = random_masking_ids(b, self.seq_len, len_keep, device=x.device)
             x = gather_tokens(x, ids.ids_keep)
             rope = gather_tokens(rope, ids.ids_keep)
         x = self.ln_pre(x)
@@ -314,8 +325,14 @@ class TransformerSemDecoder(_TokenTransformer):
         self._build_body(w, cfg["heads"], cfg["layers"])
         self.out = nn.Linear(w, out_dim)
 
-    def forward(self, z: torch.Tensor, ids_restore: torch.Tensor | None = None) -> torch.Tensor:
-        return self.out(self._body(z, ids_restore))
+    def forward(self, z: torch.Tensor, ids_restore: torch.Tensor | None = None,
+                pick: torch.Tensor | None = None) -> torch.Tensor:
+        """Features at all N positions, or with ``pick`` (B, M) only at those positions: the hidden
+        states are gathered before the output projection, so its GEMM runs on the M picked tokens."""
+        h = self._body(z, ids_restore)
+        if pick is not None:
+            h = gather_tokens(h, pick)
+        return self.out(h)
 
 
 class MLPSemDecoder(nn.Module):
@@ -327,7 +344,10 @@ class MLPSemDecoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(token_channels, 4 * token_channels), nn.GELU(),
                                  nn.Linear(4 * token_channels, out_dim))
 
-    def forward(self, z: torch.Tensor, ids_restore: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, ids_restore: torch.Tensor | None = None,
+                pick: torch.Tensor | None = None) -> torch.Tensor:
+        if pick is not None:
+            raise ValueError("the MLP semantic decoder predicts visible tokens only and cannot pick masked ones")
         if ids_restore is not None and ids_restore.shape[1] != z.shape[1]:
             raise ValueError("the MLP semantic decoder predicts visible tokens only and cannot be used with "
                              "MAE masking; set mask_ratio=0 (as the official MLP runs do) or use 'transformer'")
@@ -353,6 +373,7 @@ class TokenizerOutput(NamedTuple):
     sem_pred: dict                            # teacher -> (B, N, Dt); empty without semantic decoders
     sem_target: dict                          # teacher -> (B, N, Dt), no grad
     sem_mode: str = "rec+align"
+    sem_picked: bool = False                  # sem_pred holds only the ids_masked rows (B, N - L, Dt)
 
 
 class RecTok(nn.Module):
@@ -453,14 +474,15 @@ class RecTok(nn.Module):
 
     # ---- encoding ---------------------------------------------------------------------------
 
-    def encode(self, x: torch.Tensor, sampling: bool = False, mask: bool = True) -> dict:
+    def encode(self, x: torch.Tensor, sampling: bool = False, mask: bool = True,
+               len_keep: int | None = None) -> dict:
         """Encoder + posterior (+ flow noise when training with gamma > 0), as the official ``encode``.
 
         The posterior sample, KL and flow noise go through :func:`rectok_fast.ops.posterior_flow_noise`.
         Random draws in the official order: mask noise, posterior eps, tau, flow eps.
         """
         self._check_images(x)
-        enc = self.encoder(x, mask=mask)
+        enc = self.encoder(x, mask=mask, len_keep=len_keep)
         moments = enc.moments
         b, l, two_c = moments.shape
         c = two_c // 2
@@ -486,19 +508,24 @@ class RecTok(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor) -> TokenizerOutput:
-        enc = self.encode(images, sampling=self.training)
+    def forward(self, images: torch.Tensor, len_keep: int | None = None) -> TokenizerOutput:
+        """Training/eval forward. ``len_keep``: the step's visible-token count when masking, drawn by
+        the caller with ``self.encoder.draw_len_keep()`` (needed for a whole-graph torch.compile);
+        None draws it here."""
+        enc = self.encode(images, sampling=self.training, len_keep=len_keep)
         ids_restore = enc["ids_restore"]
         sem_pred, sem_tgt = {}, {}
+        # 'reconstruction' scores the masked tokens only: the decoders project just those rows
+        pick = enc["ids_masked"] if self.sem_target == "reconstruction" else None
         if self.use_sem and self.training:
             for name, dec in self.sem_decoders.items():
                 sem_tgt[name] = self._teacher_features(name, images)
-                sem_pred[name] = dec(enc["sem_input"], ids_restore)
+                sem_pred[name] = dec(enc["sem_input"], ids_restore, pick)
         recon = self.decoder(enc["z_latents"], ids_restore)
         return TokenizerOutput(recon=recon, kl=enc["kl"], z=enc["z"], z_tau=enc["z_latents"], moments=enc["moments"],
                                tau=enc["tau"], ids_restore=ids_restore, ids_keep=enc["ids_keep"],
                                ids_masked=enc["ids_masked"], sem_pred=sem_pred, sem_target=sem_tgt,
-                               sem_mode=self.sem_target)
+                               sem_mode=self.sem_target, sem_picked=pick is not None and bool(sem_pred))
 
     def _teacher_features(self, name: str, images: torch.Tensor) -> torch.Tensor:
         teacher = self.teachers.get(name)
@@ -510,7 +537,7 @@ class RecTok(nn.Module):
         feats = teacher(images)
         if feats.shape[1] != self.seq_h * self.seq_w:
             raise ValueError(f"teacher {name!r} returned {feats.shape[1]} tokens, expected {self.seq_h * self.seq_w}")
-        return feats.clone()   # leave inference mode's tensor class: a normal constant for the loss
+        return feats   # a constant for the loss (the teacher runs under no_grad)
 
     # ---- latent normalization / DiT interface ----------------------------------------------
 
@@ -555,8 +582,10 @@ class RecTok(nn.Module):
     def tokenize(self, images: torch.Tensor, sampling: bool = False) -> torch.Tensor:
         """Normalized latents (B, C, h, w). No masking; flow noise only in training mode with gamma > 0
         (as officially; the DiT's tokenizer has gamma = 0)."""
-        z = self.encode(images, sampling=sampling, mask=False)["z_latents"]
-        return self._tokens_to_grid(self.normalize_z(z))
+        with self._inference_autocast() as low:
+            z = self.encode(images, sampling=sampling, mask=False)["z_latents"]
+            z = self._tokens_to_grid(self.normalize_z(z))
+        return z.float() if low else z
 
     def detokenize(self, z: torch.Tensor) -> torch.Tensor:
         """Normalized latents (B, C, h, w) or (B, N, C) -> images in [0, 1] (clamped)."""
@@ -568,8 +597,24 @@ class RecTok(nn.Module):
         elif z.dim() != 3 or z.shape[-1] != self.token_channels:
             raise ValueError(f"latents must be (B, C, h, w) or (B, N, C) with C = {self.token_channels}, "
                              f"got {tuple(z.shape)}")
-        x = self.decoder(self.denormalize_z(z))
-        return torch.clamp(x * 0.5 + 0.5, 0.0, 1.0)
+        with self._inference_autocast() as low:
+            x = self.decoder(self.denormalize_z(z))
+            x = torch.clamp(x * 0.5 + 0.5, 0.0, 1.0)
+        return x.float() if low else x
+
+    @contextlib.contextmanager
+    def _inference_autocast(self):
+        """Inference with bf16 weights (DeepSpeed's bf16 section casts the trained part, possibly only
+        the decoder): autocast to that dtype, so that every op sees one dtype (fp32 buffers such as
+        the RoPE table would otherwise meet bf16 activations). Yields whether it applies; fp32 weights
+        run as they are (under the caller's autocast, if any)."""
+        low = sorted({p.dtype for p in self.parameters()} - {torch.float32, torch.float64}, key=str)
+        device = self.encoder.positional_embedding.device.type
+        if not low or torch.is_autocast_enabled(device):
+            yield False
+            return
+        with torch.autocast(device, dtype=low[0]):
+            yield True
 
     @torch.inference_mode()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -593,7 +638,7 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def build_tokenizer(name: str = "rectok_BB", **overrides) -> RecTok:
-    """Build a preset (``rectok_BB``, ``rectok_BB_decft``, ``rectok_tiny``) with config overrides.
+    """Build a registered variant (``rectok_BB``, ``rectok_BB_decft``, ``rectok_tiny`` ...) with config overrides.
 
     Teachers are not built here (they are large and need local weights): see
     :func:`rectok_fast.models.teacher.build_teacher` and :meth:`RecTok.attach_teacher`.
@@ -609,4 +654,7 @@ def build_tokenizer(name: str = "rectok_BB", **overrides) -> RecTok:
     kwargs.update(overrides)
     if isinstance(kwargs.get("teachers"), (list, tuple)):
         kwargs["teachers"] = {t: OFFICIAL_TEACHER_DIMS[t] for t in kwargs["teachers"]}
-    return RecTok(TokenizerConfig(**kwargs))
+    model = RecTok(TokenizerConfig(**kwargs))
+    # what a self-describing checkpoint stores to rebuild it (rectok_fast.checkpoint.build_from_checkpoint)
+    model.variant_spec = {"kind": "tokenizer", "variant": name, "overrides": dict(overrides)}
+    return model

@@ -1,83 +1,183 @@
-"""Python side of the C++/CUDA AdaLN extension (``rectok_fast._C``, sources in csrc/).
+"""Loader of the C++/CUDA AdaLN extension (``rectok_fast._C``, sources in csrc/).
 
-Two ops with the reference semantics of :mod:`rectok_fast.ops.reference`:
+Importing ``rectok_fast._C`` registers four dispatcher operators in C++ (``TORCH_LIBRARY``): schema,
+CPU and CUDA kernels, Meta kernels (what torch.compile traces with) and the autograd formulas
+(C++ autograd Functions)::
 
-* :func:`adaln_modulate` -- ``RMSNorm(x) * weight * (1 + scale) + shift``
-* :func:`gated_residual` -- ``x + gate * y``
+    torch.ops.rectok_fast.adaln_modulate_fwd(x, weight, shift, scale, eps) -> (out, rstd)
+    torch.ops.rectok_fast.adaln_modulate_bwd(grad_out, x, weight, shift, scale, rstd) -> (dx, dweight, dshift, dscale)
+    torch.ops.rectok_fast.gated_residual_fwd(x, gate, y) -> out
+    torch.ops.rectok_fast.gated_residual_bwd(grad_out, gate, y) -> (dgate, dy)
 
-Each is a ``torch.library.custom_op`` (``rectok_fast::adaln_modulate_fwd`` / ``_bwd``,
-``rectok_fast::gated_residual_fwd`` / ``_bwd``) with a fake (meta) implementation and a registered
-autograd formula, so ``torch.compile`` traces models that use them without graph breaks. The
-extension is imported lazily on first use; :func:`load_error` says why it is unavailable.
+so an eager call runs Python -> dispatcher -> C++ with no Python custom-op layer, and
+``torch.compile(fullgraph=True)`` traces them. Every input check (shapes, dtypes, devices, eps)
+lives in C++ and raises ValueError / TypeError naming the problem.
 
-Modulation tensors (shift / scale / gate) may be (B, D), (B, 1, D) or (B, N, D) and any strided
-view (chunks of one adaLN output, stride-0 expanded views): the kernels read them through their
-strides, without a copy. Gradients come back in the shape and dtype of each input.
-All reductions run in a fixed, shape-determined order (two passes, no atomics): deterministic.
+The extension is loaded once, at import; :data:`LOAD_ERROR` and :data:`HAS_CUDA` are plain Python
+values, so dispatch decisions never call into the extension (nothing for a trace to break on).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
-import math
 
 import torch
 
-__all__ = ["adaln_modulate", "gated_residual", "load_error", "has_cuda", "extension", "poison_outputs",
-           "cuda_launch_config"]
-
-_EXT = None
-_ERR: str | None = None
-_TRIED = False
+__all__ = ["adaln_modulate", "gated_residual", "adaln_modulate_fwd", "adaln_modulate_bwd", "gated_residual_fwd",
+           "gated_residual_bwd", "LOAD_ERROR", "HAS_CUDA", "load_error", "has_cuda", "extension", "poison_outputs",
+           "cuda_launch_config", "cuda_launch_plan", "opcheck_samples", "CUDA_KERNELS"]
 
 
-def _load():
-    global _EXT, _ERR, _TRIED
-    if _TRIED:
-        return _EXT
-    _TRIED = True
+def _import_extension():
+    """(module, None) or (None, a sentence naming why rectok_fast._C cannot be used)."""
     try:
-        _EXT = importlib.import_module("rectok_fast._C")
+        return importlib.import_module("rectok_fast._C"), None
     except ModuleNotFoundError as exc:
         if exc.name in ("rectok_fast._C", "_C"):
-            _ERR = ("the rectok_fast C++ extension (rectok_fast._C) is not built: install with "
-                    "`CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .` "
-                    "(and without RECTOK_FAST_SKIP_EXT=1)")
-        else:
-            _ERR = f"rectok_fast._C could not be imported: {exc}"
+            return None, ("the rectok_fast C++ extension (rectok_fast._C) is not built: install with "
+                          "`CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .` "
+                          "(and without RECTOK_FAST_SKIP_EXT=1)")
+        return None, f"rectok_fast._C could not be imported: {exc}"
     except ImportError as exc:  # undefined symbol / wrong torch ABI / missing libc10_cuda ...
-        _ERR = (f"rectok_fast._C is built but failed to load ({exc}); it was probably compiled against a "
-                f"different torch than the installed {torch.__version__}: rebuild it")
+        return None, (f"rectok_fast._C is built but failed to load ({exc}); it was probably compiled against a "
+                      f"different torch than the installed {torch.__version__}: rebuild it")
     except Exception as exc:  # pragma: no cover - anything else is also a load failure
-        _ERR = f"rectok_fast._C failed to load: {exc!r}"
-    return _EXT
+        return None, f"rectok_fast._C failed to load: {exc!r}"
+
+
+_EXT, LOAD_ERROR = _import_extension()
+#: Whether the loaded extension contains its CUDA kernels (not whether a GPU is present).
+HAS_CUDA: bool = bool(_EXT is not None and _EXT.has_cuda())
+
+#: The CUDA kernel families and what each covers (the names ``cuda_launch_config`` takes).
+CUDA_KERNELS = {
+    "adaln_fwd": "adaln_fwd_kernel: modulated RMSNorm forward, one row per row group",
+    "adaln_bwd": "adaln_bwd_kernel + finish_kernel: dx, per-token dscale, column sums (dweight, per-sample dshift/dscale)",
+    "gated_fwd": "gated_fwd_kernel: x + gate * y, one row per row group",
+    "gated_bwd_token": "gated_bwd_token_kernel: dy and dgate with a per-token gate (element-wise)",
+    "gated_bwd_sample": "gated_bwd_sample_kernel + finish_kernel: dy and the per-sample dgate column sums",
+}
 
 
 def load_error() -> str | None:
     """None when the extension loaded, else a sentence naming the cause."""
-    _load()
-    return _ERR
+    return LOAD_ERROR
 
 
 def has_cuda() -> bool:
     """Whether the loaded extension contains its CUDA kernels (not whether a GPU is present)."""
-    ext = _load()
-    return bool(ext is not None and ext.has_cuda())
+    return HAS_CUDA
 
 
 def extension():
     """The loaded ``rectok_fast._C`` module; raises with the load error when it is unavailable."""
-    ext = _load()
-    if ext is None:
-        raise RuntimeError(_ERR)
-    return ext
+    if _EXT is None:
+        raise RuntimeError(LOAD_ERROR)
+    return _EXT
 
 
-def cuda_launch_config(D: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
-    """(threads per block, elements per thread, largest supported D) of the CUDA kernels for rows of
-    width ``D``; raises a clear error when ``D`` is too wide for them. Host-only, works without a GPU."""
+if _EXT is not None:
+    adaln_modulate_fwd = torch.ops.rectok_fast.adaln_modulate_fwd.default
+    adaln_modulate_bwd = torch.ops.rectok_fast.adaln_modulate_bwd.default
+    gated_residual_fwd = torch.ops.rectok_fast.gated_residual_fwd.default
+    gated_residual_bwd = torch.ops.rectok_fast.gated_residual_bwd.default
+
+    def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                       eps: float = 1e-6) -> torch.Tensor:
+        """Fused ``RMSNorm(x) * weight * (1 + scale) + shift`` (see reference.adaln_modulate)."""
+        return adaln_modulate_fwd(x, weight, shift, scale, eps)[0]
+
+    def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Fused ``x + gate * y`` (see reference.gated_residual)."""
+        return gated_residual_fwd(x, gate, y)
+else:
+    def _unavailable(*_args, **_kwargs):
+        raise RuntimeError(LOAD_ERROR)
+
+    adaln_modulate_fwd = adaln_modulate_bwd = gated_residual_fwd = gated_residual_bwd = _unavailable
+    adaln_modulate = gated_residual = _unavailable
+
+
+def cuda_launch_config(D: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "adaln_fwd", B: int = 64,
+                       N: int = 256, per_token: bool = False) -> dict:
+    """Launch configuration of a CUDA kernel (``CUDA_KERNELS``) for (B, N, D) rows of ``dtype`` (and a
+    per-token or per-sample scale): threads per row and per block, row groups, 16-byte chunks per thread,
+    rows per block and per group, rows prefetched, grid, partial-sum rows, __launch_bounds__, the widest
+    supported D. Read from the C++ header the kernels are compiled with (csrc/adaln_launch.h); host-only,
+    works without a GPU. Raises ValueError when D is too wide for the kernels."""
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, str(dtype))
-    return tuple(extension().cuda_launch_config(int(D), name))
+    return dict(extension().cuda_launch_config(kernel, int(B), int(N), int(D), name, bool(per_token)))
+
+
+_CXX_TYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16"}
+
+
+def cuda_launch_plan(op: str, B: int, N: int, D: int, dtype: torch.dtype = torch.bfloat16,
+                     per_token: bool = False) -> list[dict]:
+    """The CUDA launches of one call of ``op`` ("adaln_modulate" or "gated_residual") on contiguous,
+    16-byte-aligned (B, N, D) activations of ``dtype`` with modulation of the same dtype (chunk views of
+    one adaLN output), per sample or per token: [{phase, kernel, grid, block, smem, bytes}], forward then
+    backward. ``kernel`` is the demangled name nvcc gives the instantiation; ``bytes`` is the minimal
+    DRAM traffic of that launch (each input read once, each output written once). Host-only."""
+    s = torch.empty((), dtype=dtype).element_size()
+    t = _CXX_TYPE[dtype]
+    row = B * N * D * s                       # one (B, N, D) activation tensor
+    mod = row if per_token else B * D * s     # one modulation tensor
+    tok = "true" if per_token else "false"
+
+    def launch(kernel, phase, cfg, nbytes):
+        return dict(phase=phase, kernel=f"rectok::cuda::{kernel}", grid=(*cfg["grid"], 1),
+                    block=(cfg["threads_per_block"], 1, 1), smem=0, bytes=nbytes)
+
+    def finish(cfg, partial_bufs, out_bytes):
+        part = cfg["partial_rows"] * D * 4
+        return dict(phase="bwd", kernel=f"rectok::cuda::finish_kernel<{t}>", grid=(cfg["finish_grid"], 1, 1),
+                    block=(cfg["finish_threads_per_block"], 1, 1), smem=0, bytes=partial_bufs * part + out_bytes)
+
+    if op == "adaln_modulate":
+        fwd = cuda_launch_config(D, dtype, "adaln_fwd", B, N)
+        bwd = cuda_launch_config(D, dtype, "adaln_bwd", B, N, per_token)
+        # per-token scale and shift: dscale written per token, dshift = grad_out (no traffic), one partial
+        # buffer (dweight); per sample: two partial buffers (dweight / dscale and dshift)
+        nbuf = 1 if per_token else 2
+        part = bwd["partial_rows"] * D * 4
+        return [launch(f"adaln_fwd_kernel<{t}, {t}, true>", "fwd", fwd, 2 * row + 2 * mod + 4 * D + 4 * B * N),
+                launch(f"adaln_bwd_kernel<{t}, {t}, true, {tok}, {tok}>", "bwd", bwd,
+                       3 * row + mod + 4 * B * N + 4 * D + (row if per_token else 0) + nbuf * part),
+                finish(bwd, nbuf, 4 * D + (0 if per_token else 2 * B * D * s + B * D * s))]
+    if op == "gated_residual":
+        fwd = cuda_launch_config(D, dtype, "gated_fwd", B, N)
+        plan = [launch(f"gated_fwd_kernel<{t}, {t}, {t}, true>", "fwd", fwd, 3 * row + mod)]
+        if per_token:
+            bwd = cuda_launch_config(D, dtype, "gated_bwd_token", B, N)
+            return plan + [launch(f"gated_bwd_token_kernel<{t}, {t}, {t}, true>", "bwd", bwd, 4 * row + mod)]
+        bwd = cuda_launch_config(D, dtype, "gated_bwd_sample", B, N)
+        return plan + [launch(f"gated_bwd_sample_kernel<{t}, {t}, {t}, true>", "bwd", bwd,
+                              3 * row + mod + bwd["partial_rows"] * D * 4),
+                       finish(bwd, 1, B * D * s)]
+    raise ValueError(f"cuda_launch_plan: op must be 'adaln_modulate' or 'gated_residual', got {op!r}")
+
+
+def opcheck_samples(device) -> list:
+    """One sample call per op, forward and backward, per-sample and per-token modulation (chunk views of
+    one adaLN output), for tests/test_opcheck.py (the registry's hook)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+    B, N, D = 2, 3, 8
+    samples = []
+    for ada in (rnd(B, 6 * D), rnd(B, N, 6 * D)):
+        x, w, y = rnd(B, N, D).requires_grad_(True), rnd(D).requires_grad_(True), rnd(B, N, D).requires_grad_(True)
+        shift, scale, gate = (t.detach().requires_grad_(True) for t in ada.chunk(6, dim=-1)[:3])
+        _, rstd = adaln_modulate_fwd(x.detach(), w.detach(), shift.detach(), scale.detach(), 1e-6)
+        dy = rnd(B, N, D)
+        samples += [("rectok_fast::adaln_modulate_fwd", (x, w, shift, scale, 1e-6)),
+                    ("rectok_fast::adaln_modulate_bwd", (dy, x.detach(), w.detach(), shift.detach(), scale.detach(),
+                                                         rstd)),
+                    ("rectok_fast::gated_residual_fwd", (x, gate, y)),
+                    ("rectok_fast::gated_residual_bwd", (dy, gate.detach(), y.detach()))]
+    return samples
 
 
 @contextlib.contextmanager
@@ -91,166 +191,3 @@ def poison_outputs(enabled: bool = True):
         yield
     finally:
         ext.set_poison_outputs(previous)
-
-
-# ------------------------------------------------------------------------------------------------
-# Argument checks shared by the public functions and the fake implementations (clear errors before
-# anything reaches C++; the binding repeats them as TORCH_CHECKs).
-# ------------------------------------------------------------------------------------------------
-
-_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _check_dtype(t: torch.Tensor, op: str, name: str) -> None:
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{op}: {name} must be float32 or bfloat16, got {t.dtype}")
-
-
-def _check_mod(m: torch.Tensor, x: torch.Tensor, op: str, name: str) -> None:
-    b, n, d = x.shape
-    ok = (m.dim() == 2 and tuple(m.shape) == (b, d)) or (
-        m.dim() == 3 and m.shape[0] == b and m.shape[2] == d and m.shape[1] in (1, n))
-    if not ok:
-        raise ValueError(f"{op}: {name} must be (B, D), (B, 1, D) or (B, N, D) for x of shape {tuple(x.shape)}; "
-                         f"got {tuple(m.shape)}")
-    _check_dtype(m, op, name)
-
-
-def _check_same_device(x: torch.Tensor, op: str, **others: torch.Tensor) -> None:
-    for name, t in others.items():
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all inputs must be on "
-                             "the same device")
-
-
-def _check_adaln(x, weight, shift, scale) -> None:
-    op = "adaln_modulate"
-    if x.dim() != 3:
-        raise ValueError(f"{op}: x must be (B, N, D), got {tuple(x.shape)}")
-    _check_dtype(x, op, "x")
-    if tuple(weight.shape) != (x.shape[-1],):
-        raise ValueError(f"{op}: weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
-    _check_dtype(weight, op, "weight")
-    _check_mod(shift, x, op, "shift")
-    _check_mod(scale, x, op, "scale")
-    _check_same_device(x, op, weight=weight, shift=shift, scale=scale)
-
-
-def _check_gated(x, gate, y) -> None:
-    op = "gated_residual"
-    if x.dim() != 3 or y.shape != x.shape:
-        raise ValueError(f"{op}: x {tuple(x.shape)} and y {tuple(y.shape)} must both be (B, N, D)")
-    _check_dtype(x, op, "x")
-    _check_dtype(y, op, "y")
-    _check_mod(gate, x, op, "gate")
-    _check_same_device(x, op, gate=gate, y=y)
-
-
-# ------------------------------------------------------------------------------------------------
-# Custom ops
-# ------------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("rectok_fast::adaln_modulate_fwd", mutates_args=())
-def _adaln_fwd(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    out, rstd = extension().adaln_fwd(x, weight, shift, scale, eps)
-    return out, rstd
-
-
-@_adaln_fwd.register_fake
-def _adaln_fwd_fake(x, weight, shift, scale, eps):
-    _check_adaln(x, weight, shift, scale)
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty(x.shape[:2], dtype=torch.float32, device=x.device))
-
-
-@torch.library.custom_op("rectok_fast::adaln_modulate_bwd", mutates_args=())
-def _adaln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
-               scale: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor]:
-    dx, dw, dshift, dscale = extension().adaln_bwd(dy, x, weight, shift, scale, rstd)
-    return dx, dw, dshift, dscale
-
-
-@_adaln_bwd.register_fake
-def _adaln_bwd_fake(dy, x, weight, shift, scale, rstd):
-    def like(t):
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    return like(x), like(weight), like(shift), like(scale)
-
-
-def _adaln_setup(ctx, inputs, output):
-    x, weight, shift, scale, _eps = inputs
-    _out, rstd = output
-    # shift is kept only for its shape/dtype (it is a view of the adaLN output that scale keeps alive).
-    ctx.save_for_backward(x, weight, shift, scale, rstd)
-
-
-def _adaln_backward(ctx, grad_out, _grad_rstd):
-    x, weight, shift, scale, rstd = ctx.saved_tensors
-    dx, dw, dshift, dscale = _adaln_bwd(grad_out, x, weight, shift, scale, rstd)
-    return dx, dw, dshift, dscale, None
-
-
-_adaln_fwd.register_autograd(_adaln_backward, setup_context=_adaln_setup)
-
-
-@torch.library.custom_op("rectok_fast::gated_residual_fwd", mutates_args=())
-def _gated_fwd(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return extension().gated_fwd(x, gate, y)
-
-
-@_gated_fwd.register_fake
-def _gated_fwd_fake(x, gate, y):
-    _check_gated(x, gate, y)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-@torch.library.custom_op("rectok_fast::gated_residual_bwd", mutates_args=())
-def _gated_bwd(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dgate, dy = extension().gated_bwd(dout, gate, y)
-    return dgate, dy
-
-
-@_gated_bwd.register_fake
-def _gated_bwd_fake(dout, gate, y):
-    return (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
-            torch.empty(y.shape, dtype=y.dtype, device=y.device))
-
-
-def _gated_setup(ctx, inputs, output):
-    x, gate, y = inputs
-    ctx.save_for_backward(gate, y)
-    ctx.x_dtype = x.dtype
-
-
-def _gated_backward(ctx, grad_out):
-    gate, y = ctx.saved_tensors
-    dgate, dy = _gated_bwd(grad_out, gate, y)
-    # d out / d x is the identity; out has x's dtype, so the incoming gradient already is dx.
-    dx = grad_out if grad_out.dtype == ctx.x_dtype else grad_out.to(ctx.x_dtype)
-    return dx, dgate, dy
-
-
-_gated_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
-
-
-# ------------------------------------------------------------------------------------------------
-# Public functions
-# ------------------------------------------------------------------------------------------------
-
-def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                   eps: float = 1e-6) -> torch.Tensor:
-    """Fused ``RMSNorm(x) * weight * (1 + scale) + shift`` (see reference.adaln_modulate)."""
-    _check_adaln(x, weight, shift, scale)
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"adaln_modulate: eps must be a finite number >= 0, got {eps}")
-    out, _rstd = _adaln_fwd(x, weight, shift, scale, eps)
-    return out
-
-
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fused ``x + gate * y`` (see reference.gated_residual)."""
-    _check_gated(x, gate, y)
-    return _gated_fwd(x, gate, y)

@@ -11,17 +11,26 @@ Three settings, chosen with :func:`set_backend` or the ``RECTOK_FAST_IMPL`` envi
 * ``auto`` (default) -- the fast implementation where it can run (Triton on CUDA tensors; the
   extension wherever it is built), the reference elsewhere. It says once per op which it picked.
 
-Two families of fast paths exist, and each op belongs to one:
-``"triton"`` (kernels/ -> ``rectok_fast.kernels``) and ``"extension"`` (csrc/ -> ``rectok_fast._C``).
+Each op belongs to one family (see :mod:`rectok_fast.ops.registry`): ``"triton"`` or ``"cuda-ext"``.
+
+Whole graphs: what the installation can do (:class:`Capabilities`: Triton importable, interpreter on,
+extension loaded, extension has CUDA kernels) is detected ONCE, when :mod:`rectok_fast.ops` is
+imported, and kept as plain Python values. :func:`choose` only reads those values and the tensors'
+device/dtype, so torch.compile traces it without graph breaks (no imports, no pybind calls, no
+logging: the once-per-op announcement is skipped while compiling). Tests inject other capabilities
+with :func:`use_capabilities` to exercise the CUDA-path decisions on a CPU machine.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
 
 import torch
+
+from rectok_fast.ops.registry import BY_NAME, FUSED_DTYPES
 
 BACKENDS = ("auto", "reference", "fused")
 ENV_VAR = "RECTOK_FAST_IMPL"
@@ -43,6 +52,7 @@ def _validate(name: str) -> str:
 
 _backend = _validate(os.environ.get(ENV_VAR, "auto"))
 _announced: set[tuple[str, str]] = set()
+_decided: dict = {}    # eager-call memo: (op, device type, dtype) -> choice; cleared on every change
 
 
 def set_backend(name: str) -> None:
@@ -50,6 +60,7 @@ def set_backend(name: str) -> None:
     global _backend
     _backend = _validate(name)
     _announced.clear()
+    _decided.clear()
 
 
 def get_backend() -> str:
@@ -67,61 +78,103 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+# --------------------------------------------------------------------------------------- capabilities
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What this installation can run, as plain values (read by :func:`choose` while compiling)."""
+    triton_error: str | None       # None when triton imports
+    triton_interpreter: bool       # TRITON_INTERPRET=1 at load time (Triton kernels on CPU tensors)
+    ext_error: str | None          # None when rectok_fast._C loaded
+    ext_has_cuda: bool             # the extension holds its CUDA kernels
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def detect_capabilities() -> Capabilities:
+    """Probe the installation (imports triton and the extension); load time only."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+        triton_error = None
+    except Exception as exc:  # pragma: no cover - depends on the install
+        triton_error = f"triton could not be imported: {exc!r}"
+    from rectok_fast.ops import adaln_ext
+    ext_error = adaln_ext.load_error()
+    return Capabilities(triton_error=triton_error, triton_interpreter=_env_flag("TRITON_INTERPRET"),
+                        ext_error=ext_error, ext_has_cuda=ext_error is None and bool(adaln_ext.has_cuda()))
+
+
+_caps: Capabilities | None = None
+
+
+def capabilities() -> Capabilities:
+    global _caps
+    if _caps is None:
+        _caps = detect_capabilities()
+    return _caps
+
+
+def set_capabilities(caps: Capabilities | None) -> None:
+    """Replace the detected capabilities (tests); None re-detects on next use."""
+    global _caps
+    _caps = caps
+    _announced.clear()
+    _decided.clear()
+
+
+@contextlib.contextmanager
+def use_capabilities(**changes):
+    """Temporarily pretend the installation differs, e.g. ``use_capabilities(ext_has_cuda=True)``."""
+    previous = capabilities()
+    set_capabilities(dataclasses.replace(previous, **changes))
+    try:
+        yield
+    finally:
+        set_capabilities(previous)
+
+
+# Kept for env_report and older callers: the same facts, read from the cached capabilities.
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-_TRITON_ERROR: list = []   # computed once; a plain global keeps torch.compile from tracing a cache wrapper
+    return capabilities().triton_interpreter
 
 
 def triton_import_error() -> str | None:
-    if not _TRITON_ERROR:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-            _TRITON_ERROR.append(None)
-        except Exception as exc:  # pragma: no cover - depends on the install
-            _TRITON_ERROR.append(f"triton could not be imported: {exc!r}")
-    return _TRITON_ERROR[0]
+    return capabilities().triton_error
 
 
 def extension_import_error() -> str | None:
-    """None when the C++/CUDA extension loaded, else the reason it did not."""
-    from rectok_fast.ops import adaln_ext
-    return adaln_ext.load_error()
+    return capabilities().ext_error
 
 
-def extension_has_cuda() -> bool:
-    from rectok_fast.ops import adaln_ext
-    return adaln_ext.has_cuda()
-
-
-def _why_triton_cannot_run(device: torch.device) -> str | None:
-    err = triton_import_error()
-    if err:
-        return err
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if triton_interpreter_enabled():
-            return None
-        return ("Triton kernels need CUDA tensors; on CPU tensors they only run in the Triton interpreter, "
-                "which must be enabled by exporting TRITON_INTERPRET=1 before Python starts")
-    return f"Triton kernels do not support tensors on device {device.type!r}"
-
-
-def _why_extension_cannot_run(device: torch.device) -> str | None:
-    err = extension_import_error()
-    if err:
-        return err
-    if device.type == "cpu":
-        return None
-    if device.type == "cuda":
-        if extension_has_cuda():
-            return None
-        return ("the rectok_fast C++ extension was built without CUDA kernels (CPU-only torch, nvcc missing, "
+# ----------------------------------------------------------------------------------------- decision
+_NEED_INTERPRETER = ("Triton kernels need CUDA tensors; on CPU tensors they only run in the Triton interpreter, "
+                     "which must be enabled by exporting TRITON_INTERPRET=1 before Python starts")
+_EXT_NO_CUDA = ("the rectok_fast C++ extension was built without CUDA kernels (CPU-only torch, nvcc missing, "
                 "or RECTOK_FAST_SKIP_CUDA=1 at build time); rebuild it on a CUDA machine")
-    return f"the rectok_fast extension does not support tensors on device {device.type!r}"
+_AUTO_TRITON_CPU = "Triton kernels are used on CUDA tensors only"
+
+
+def why_cannot_run(family: str, device_type: str, dtype: torch.dtype | None, caps: Capabilities) -> str | None:
+    """None when ``family`` can run on tensors of ``dtype`` on ``device_type``, else the reason."""
+    if family == "triton":
+        if caps.triton_error is not None:
+            return caps.triton_error
+        if device_type == "cpu" and not caps.triton_interpreter:
+            return _NEED_INTERPRETER
+        if device_type not in ("cpu", "cuda"):
+            return "Triton kernels do not support tensors on device " + device_type
+    else:
+        if caps.ext_error is not None:
+            return caps.ext_error
+        if device_type == "cuda" and not caps.ext_has_cuda:
+            return _EXT_NO_CUDA
+        if device_type not in ("cpu", "cuda"):
+            return "the rectok_fast extension does not support tensors on device " + device_type
+    if dtype is not None and dtype not in FUSED_DTYPES:
+        return "the fused kernels take float32 or bfloat16 activations, not " + str(dtype)
+    return None
 
 
 def _announce(op: str, choice: str, why: str) -> None:
@@ -131,30 +184,40 @@ def _announce(op: str, choice: str, why: str) -> None:
     _announced.add(key)
     msg = f"[rectok_fast] {op}: using the {choice} implementation ({why})"
     logger.info(msg)
-    if os.environ.get("RECTOK_FAST_QUIET", "0") in ("", "0"):
+    if not _env_flag("RECTOK_FAST_QUIET"):
         print(msg, file=sys.stderr)
 
 
-FUSED_DTYPES = (torch.float32, torch.bfloat16)
+def choose(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Return 'reference' or the op's family ('triton' / 'cuda-ext') for tensors of ``dtype`` on ``device``.
+
+    Pure over plain values while torch.compile traces (the announcement happens in eager calls only).
+    Eager calls hit a memo first (a dict lookup instead of the decision, for the per-call overhead).
+    """
+    if torch.compiler.is_compiling():
+        return _decide(op, device, dtype)
+    key = (op, device.type, dtype)
+    choice = _decided.get(key)
+    if choice is None:
+        choice = _decided[key] = _decide(op, device, dtype)
+    return choice
 
 
-def choose(op: str, family: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """Return 'reference', 'triton' or 'extension' for ``op`` on tensors of ``dtype`` on ``device``."""
-    fast = {"triton": "triton", "extension": "extension"}[family]
-    why_not = _why_triton_cannot_run if family == "triton" else _why_extension_cannot_run
+def _decide(op: str, device: torch.device, dtype: torch.dtype | None) -> str:
     if _backend == "reference":
         return "reference"
-    reason = why_not(device)
-    if reason is None and dtype is not None and dtype not in FUSED_DTYPES:
-        reason = f"the fused kernels take float32 or bfloat16 activations, not {dtype}"
+    family = BY_NAME[op].family
+    device_type = device.type
+    reason = why_cannot_run(family, device_type, dtype, _caps if _caps is not None else capabilities())
     if _backend == "fused":
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend 'fused' was requested but cannot run: {reason}. "
                                      f"Use set_backend('auto') or {ENV_VAR}=auto to fall back to the reference.")
-        return fast
+        return family
     # auto: Triton only on CUDA tensors (the interpreter is for tests, far too slow for real use).
-    if reason is None and not (family == "triton" and device.type != "cuda"):
-        _announce(op, fast, f"auto, {device.type} tensors")
-        return fast
-    _announce(op, "reference", f"auto, {reason or 'Triton kernels are used on CUDA tensors only'}")
-    return "reference"
+    if reason is None and family == "triton" and device_type != "cuda":
+        reason = _AUTO_TRITON_CPU
+    choice = family if reason is None else "reference"
+    if not torch.compiler.is_compiling():
+        _announce(op, choice, f"auto, {device_type} tensors" if reason is None else f"auto, {reason}")
+    return choice

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0   # models/gaussian.py clamp
-COSINE_EPS = 1e-12                      # F.normalize default, as the official SemLoss uses
+from rectok_fast.ops.registry import (ADALN_EPS, COSINE_EPS, LOGVAR_MAX, LOGVAR_MIN, check_adaln_modulate,
+                                      check_cosine_distill_loss, check_flow_interpolate, check_gated_residual,
+                                      check_ids_range, check_posterior_flow_noise)
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -34,8 +35,7 @@ def flow_interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, retu
     when ``x`` is the noise sample and ``noise`` the data, see :func:`rectok_fast.flow.transport_path`).
     Math in fp32, results in ``x.dtype``.
     """
-    if x.shape != noise.shape:
-        raise ValueError(f"flow_interpolate: x {tuple(x.shape)} and noise {tuple(noise.shape)} differ in shape")
+    check_flow_interpolate(x, noise, t, return_velocity)
     tt = _per_sample(t, x)
     xf, nf = x.float(), noise.float()
     out = ((1.0 - tt) * xf + tt * nf).to(x.dtype)
@@ -54,13 +54,8 @@ def posterior_flow_noise(moments: torch.Tensor, eps_post: torch.Tensor, eps_flow
     z_tau = (1 - tau) * z + tau * gamma * eps_flow (fp32), kl (B,) = 0.5 * sum over (L, C) of
     mean^2 + var - 1 - logvar (fp32).
     """
-    if moments.dim() != 3 or moments.shape[-1] % 2:
-        raise ValueError(f"moments must be (B, L, 2C), got {tuple(moments.shape)}")
+    check_posterior_flow_noise(moments, eps_post, eps_flow, tau, gamma)
     c = moments.shape[-1] // 2
-    expected = (*moments.shape[:-1], c)
-    for name, e in (("eps_post", eps_post), ("eps_flow", eps_flow)):
-        if tuple(e.shape) != expected:
-            raise ValueError(f"{name} must be {expected}, got {tuple(e.shape)}")
     m = moments.float()
     mean = m[..., :c]
     logvar = m[..., c:].clamp(LOGVAR_MIN, LOGVAR_MAX)
@@ -73,68 +68,56 @@ def posterior_flow_noise(moments: torch.Tensor, eps_post: torch.Tensor, eps_flow
 
 
 def cosine_distill_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """mean over tokens of ``1 - cos(pred, target)`` along the last (channel) dim, fp32 scalar.
+    """mean over rows of ``1 - cos(pred, target)`` along the last (channel) dim, fp32 scalar.
 
-    pred, target (B, N, D). With ``ids`` (B, M) long, only the rows ``[b, ids[b, m]]`` count
-    (the official 'reconstruction' target gathers the masked tokens). M = 0 gives a zero loss that
-    stays connected to ``pred`` (the official code swaps in ``target + 0 * pred`` for the same reason).
+    Without ``ids``: pred, target (B, N, D), every token counts. With ``ids`` (B, M) int64/int32:
+    pred (B, M, D) holds predictions for the target rows ``target[b, ids[b, m]]`` of target (B, N, D)
+    only (the official 'reconstruction' target scores the masked tokens; the semantic decoder
+    projects just those, see models/tokenizer.py). M = 0 gives a zero loss that stays connected to
+    ``pred`` (the official code swaps in ``target + 0 * pred`` for the same reason).
     The target gets no gradient. Zero rows are normalized as F.normalize does (norm clamped at 1e-12).
     """
-    if pred.shape != target.shape or pred.dim() != 3:
-        raise ValueError(f"cosine_distill_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
-                         "must both be (B, N, D)")
+    check_cosine_distill_loss(pred, target, ids)
     target = target.detach()
     if ids is not None:
-        if ids.dim() != 2 or ids.shape[0] != pred.shape[0]:
-            raise ValueError(f"ids must be (B, M) with B = {pred.shape[0]}, got {tuple(ids.shape)}")
         if ids.shape[1] == 0:
             return (pred.float() * 0.0).sum()
-        idx = ids.long().unsqueeze(-1).expand(-1, -1, pred.shape[-1])
-        pred = torch.gather(pred, 1, idx)
+        check_ids_range(ids, target.shape[1])
+        idx = ids.long().unsqueeze(-1).expand(-1, -1, target.shape[-1])
         target = torch.gather(target, 1, idx)
     p = F.normalize(pred.float(), dim=-1, eps=COSINE_EPS)
     f = F.normalize(target.float(), dim=-1, eps=COSINE_EPS)
     return (1.0 - (p * f).sum(-1)).mean()
 
 
-def _modulation(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    """(B, D) / (B, 1, D) / (B, N, D) -> broadcastable against x (B, N, D)."""
-    b, n, d = x.shape
-    if m.dim() == 2 and tuple(m.shape) == (b, d):
-        return m.unsqueeze(1)
-    if m.dim() == 3 and m.shape[0] == b and m.shape[2] == d and m.shape[1] in (1, n):
-        return m
-    raise ValueError(f"{name} must be (B, D), (B, 1, D) or (B, N, D) for x of shape {tuple(x.shape)}; "
-                     f"got {tuple(m.shape)}")
+def _modulation(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, D) / (B, 1, D) / (B, N, D) (checked by the contract) -> broadcastable against x (B, N, D)."""
+    return m.unsqueeze(1) if m.dim() == 2 else m
 
 
-def rms_norm_fp32(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm_fp32(x: torch.Tensor, eps: float = ADALN_EPS) -> torch.Tensor:
     """The DiT's RMSNorm statistics: computed in fp32, cast back to x.dtype (models/layers.py)."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                   eps: float = 1e-6) -> torch.Tensor:
+                   eps: float = ADALN_EPS) -> torch.Tensor:
     """``RMSNorm(x) * weight * (1 + scale) + shift`` for x (B, N, D), result in x.dtype.
 
     The norm is computed in fp32 and cast back to x.dtype before the weight, as the official DiT
     does; the weight and modulation are applied in fp32. shift/scale are per sample (B, D) or
     (B, 1, D), or per token (B, N, D), and may be strided views (chunks of one adaLN output).
     """
-    if x.dim() != 3:
-        raise ValueError(f"adaln_modulate: x must be (B, N, D), got {tuple(x.shape)}")
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(f"adaln_modulate: weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
-    shift = _modulation(shift, x, "shift")
-    scale = _modulation(scale, x, "scale")
+    check_adaln_modulate(x, weight, shift, scale, eps)
+    shift = _modulation(shift, x)
+    scale = _modulation(scale, x)
     normed = rms_norm_fp32(x, eps).float() * weight.float()
     return (normed * (1.0 + scale.float()) + shift.float()).to(x.dtype)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + gate * y`` for x, y (B, N, D); gate (B, D), (B, 1, D) or (B, N, D). Math in fp32, result in x.dtype."""
-    if x.dim() != 3 or y.shape != x.shape:
-        raise ValueError(f"gated_residual: x {tuple(x.shape)} and y {tuple(y.shape)} must both be (B, N, D)")
-    gate = _modulation(gate, x, "gate")
+    check_gated_residual(x, gate, y)
+    gate = _modulation(gate, x)
     return (x.float() + gate.float() * y.float()).to(x.dtype)

@@ -6,8 +6,10 @@ frozen, the EMA encoder becomes the loaded stage-1 *model* encoder after one ste
 keeps averaging from the stage-1 EMA decoder it was initialised with.
 
 The EMA lives in fp32 on the model's device, as a plain ``{name: tensor}`` dict (the official
-'model_ema' layout). Under ZeRO-3 the caller gathers the parameters first
-(:meth:`rectok_fast.training.engine.Engine.full_parameters`).
+'model_ema' layout), and it averages fp32 values only: late in training an update is far smaller than
+one bf16 step, so an average of bf16 copies would stop moving. In training it is updated with
+:meth:`EMA.update_from` (the engine's fp32 master values, gathered under ZeRO-3); :meth:`EMA.update`
+takes a plain module whose trainable parameters are fp32.
 """
 from __future__ import annotations
 
@@ -23,14 +25,30 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        trained, t_ema, frozen = [], [], []
-        for n, p in module.named_parameters():
-            e = self.shadow[n]
-            if p.requires_grad:
-                trained.append(p.detach().float() if p.dtype != torch.float32 else p.detach())
+        """One step from a module's own (full, fp32) parameters; under ZeRO-3 the caller gathers them."""
+        self._update([(n, p.detach(), p.requires_grad) for n, p in module.named_parameters()])
+
+    @torch.no_grad()
+    def update_from(self, engine) -> None:
+        """One step from an engine's fp32 master values (:meth:`Engine.master_named_parameters`).
+        Collective: every rank calls it."""
+        with engine.master_named_parameters() as params:
+            self._update(params)
+
+    def _update(self, params) -> None:
+        trained, t_ema = [], []
+        for n, v, trainable in params:
+            e = self.shadow.get(n)
+            if e is None:
+                raise KeyError(f"the EMA has no entry for parameter {n!r} (built from another model?)")
+            if trainable:
+                if v.dtype != torch.float32:
+                    raise TypeError(f"EMA update from a {v.dtype} copy of {n!r}: the EMA averages fp32 values "
+                                    f"(use update_from(engine), which reads the fp32 master)")
+                trained.append(v)
                 t_ema.append(e)
             else:
-                e.copy_(p.detach())
+                e.copy_(v)
         if trained:
             torch._foreach_lerp_(t_ema, trained, 1.0 - self.decay)
 

@@ -4,9 +4,12 @@ Layout under ``<output_dir>/checkpoints``::
 
     step_00000040/            one checkpoint (tag)
         G/ D/ ...             engine states (DeepSpeed folders or plain_state.pt), per-rank files
-        trainer_rank*.pt      per-rank trainer state (step, RNG, counters)
+        trainer.pt            trainer state (step, data layout, counters; rank 0)
         ema.pt                EMA weights (rank 0)
-        COMPLETE              written LAST by rank 0 after a barrier: JSON manifest {file: size}
+        official.pth          official-format export (self-describing)
+        COMPLETE              the manifest, written LAST by rank 0 after every rank hashed its own files:
+                              JSON {files: {file: size}, sha256, step, samples_consumed, world_size, ...}
+                              (:mod:`rectok_fast.training.manifest`)
     latest                    the tag of the newest complete checkpoint, replaced atomically
 
 A checkpoint without COMPLETE, or whose files no longer match the manifest sizes (cut off or truncated
@@ -93,8 +96,17 @@ def find_resume_tag(root: str) -> str | None:
     return None
 
 
-def prune(root: str, keep_last: int, keep_every: int = 0) -> None:
-    """Delete old complete checkpoints, keeping the newest ``keep_last`` and every ``keep_every``-th step;
+def is_milestone(root: str, tag: str) -> bool:
+    """A checkpoint whose COMPLETE manifest says ``"milestone": true`` (kept for ever)."""
+    try:
+        with open(os.path.join(root, tag, MARKER)) as fh:
+            return bool(json.load(fh).get("milestone", False))
+    except (OSError, ValueError):
+        return False
+
+
+def prune(root: str, keep_last: int) -> None:
+    """Delete old complete checkpoints, keeping the newest ``keep_last`` and every milestone;
     incomplete folders older than the newest complete one are removed too (leftovers of a crash)."""
     tags = list_tags(root)
     complete = [t for t in tags if is_complete(root, t)]
@@ -103,9 +115,8 @@ def prune(root: str, keep_last: int, keep_every: int = 0) -> None:
     keep = set(complete[-keep_last:]) if keep_last > 0 else set(complete)
     newest = complete[-1]
     for t in tags:
-        step = int(TAG_RE.match(t).group(1))
         if t in keep or t >= newest and t not in complete:
             continue
-        if keep_every and step % keep_every == 0 and t in complete:
+        if t in complete and is_milestone(root, t):
             continue
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)

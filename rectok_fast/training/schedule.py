@@ -25,8 +25,10 @@ def constant_then_linear_lr(epoch: float, lr: float, end_lr: float, decay_start:
     return lr + (end_lr - lr) * progress
 
 
-def lr_at(args, epoch: float) -> float:
-    """The stage's schedule evaluated at fractional ``epoch`` (args from :mod:`rectok_fast.training.config`)."""
-    if args.stage == "dit":
-        return constant_then_linear_lr(epoch, args.lr, args.end_lr, args.decay_start_epoch, args.epochs)
-    return warmup_cosine_lr(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+def lr_at(schedule, epoch: float) -> float:
+    """The stage's schedule (a :class:`rectok_fast.training.config.ScheduleConfig`) at fractional ``epoch``."""
+    if schedule.kind == "constant_linear":
+        return constant_then_linear_lr(epoch, schedule.lr, schedule.end_lr, schedule.decay_start_epoch, schedule.epochs)
+    if schedule.kind == "warmup_cosine":
+        return warmup_cosine_lr(epoch, schedule.lr, schedule.min_lr, schedule.warmup_epochs, schedule.epochs)
+    raise ValueError(f"unknown schedule kind {schedule.kind!r}")
