@@ -18,7 +18,7 @@ SM90 = dict(regs_per_sm=65536, reg_alloc_unit=256, max_regs_per_thread=255, smem
             smem_per_block_max=232448, smem_reserved_per_block=1024, threads_per_sm=2048,
             blocks_per_sm=32, warp_size=32)
 # H200 SXM: datasheet bandwidth, the copy bandwidth measured on this workplace's H200s
-# (/work/.library/device/KINDS.md: ~4.3 TB/s, read + write), 132 SMs, and ~0.6 us loaded DRAM latency.
+# (~4.3 TB/s read + write, the H200 copy rate the device notes give), 132 SMs, and ~0.6 us loaded DRAM latency.
 H200 = dict(name="H200 SXM", sms=132, peak_bytes_per_s=4.8e12, copy_bytes_per_s=4.3e12, latency_s=0.6e-6)
 
 
