@@ -23,6 +23,20 @@ def test_device() -> torch.device:
     return torch.device(want)
 
 
+def adaln_extension_device() -> torch.device:
+    """The AdaLN extension tests' device; at module level, skips them when the extension is not built,
+    unless RECTOK_REQUIRE_EXT=1 makes that a failure."""
+    from rectok_fast.ops import adaln_ext
+    device = torch.device(os.environ.get("RECTOK_TEST_DEVICE", "cpu"))
+    if adaln_ext.load_error() is not None:
+        if os.environ.get("RECTOK_REQUIRE_EXT", "0") not in ("", "0"):
+            raise RuntimeError(adaln_ext.load_error())
+        pytest.skip(adaln_ext.load_error(), allow_module_level=True)
+    if device.type == "cuda" and not (torch.cuda.is_available() and adaln_ext.has_cuda()):
+        pytest.skip("RECTOK_TEST_DEVICE=cuda needs a GPU and an extension built with CUDA", allow_module_level=True)
+    return device
+
+
 @pytest.fixture
 def device():
     return test_device()

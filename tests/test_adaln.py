@@ -8,7 +8,6 @@ against an fp64 reference is at most 2x the error of the same-dtype reference, p
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -16,16 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rectok_fast import ops
+from conftest import adaln_extension_device
 from rectok_fast.ops import adaln_ext, reference
 
-DEVICE = torch.device(os.environ.get("RECTOK_TEST_DEVICE", "cpu"))
-
-if adaln_ext.load_error() is not None:
-    if os.environ.get("RECTOK_REQUIRE_EXT", "0") not in ("", "0"):
-        raise RuntimeError(adaln_ext.load_error())
-    pytest.skip(adaln_ext.load_error(), allow_module_level=True)
-if DEVICE.type == "cuda" and not (torch.cuda.is_available() and adaln_ext.has_cuda()):
-    pytest.skip("RECTOK_TEST_DEVICE=cuda needs a GPU and an extension built with CUDA", allow_module_level=True)
+DEVICE = adaln_extension_device()
 
 SHAPES = [(2, 7, 37), (3, 70, 1152), (2, 600, 256)]  # odd D / N; (2, 600, 256): several rows per CUDA row group (prefetch ring)
 KINDS = ["chunk2d", "chunk3d", "token", "expand_token", "contig", "batch_bcast", "inner_strided", "misaligned",

@@ -6,21 +6,14 @@ CPU path by default (``RECTOK_TEST_DEVICE=cuda`` runs it on the GPU kernels).
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from conftest import adaln_extension_device
 from rectok_fast.ops import adaln_ext, reference
 
-DEVICE = torch.device(os.environ.get("RECTOK_TEST_DEVICE", "cpu"))
-
-if adaln_ext.load_error() is not None:
-    if os.environ.get("RECTOK_REQUIRE_EXT", "0") not in ("", "0"):
-        raise RuntimeError(adaln_ext.load_error())
-    pytest.skip(adaln_ext.load_error(), allow_module_level=True)
-if DEVICE.type == "cuda" and not (torch.cuda.is_available() and adaln_ext.has_cuda()):
-    pytest.skip("RECTOK_TEST_DEVICE=cuda needs a GPU and an extension built with CUDA", allow_module_level=True)
+DEVICE = adaln_extension_device()
 
 OPS = ("adaln_modulate_fwd", "adaln_modulate_bwd", "gated_residual_fwd", "gated_residual_bwd")
 
