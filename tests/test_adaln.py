@@ -8,7 +8,6 @@ against an fp64 reference is at most 2x the error of the same-dtype reference, p
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn

@@ -6,7 +6,6 @@ CPU path by default (``RECTOK_TEST_DEVICE=cuda`` runs it on the GPU kernels).
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
