@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 import cases  # noqa: E402  (benchmarks/cases.py: the goal shapes)
 import sass  # noqa: E402
+from torch_launches import TorchLaunches  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "static-sm90")
 LAUNCH_S = 2e-6        # per-kernel launch + ramp + drain inside a CUDA graph (an estimate, not a reading)
@@ -117,11 +118,17 @@ def _triton_ops():
     return [(s.name, registry.resolve(s.fused)) for s in registry.OPS if s.family == "triton"]
 
 
-def capture_triton(workdir: str, fast: bool) -> tuple[list[dict], list[str]]:
-    """All Triton launches of every registry op at its goal shapes (fast: one case per code path)."""
+def capture_triton(workdir: str, fast: bool) -> tuple[list[dict], list[dict], list[str]]:
+    """All Triton launches of every registry op at its goal shapes (fast: one case per code path), and
+    the other aten ops each phase runs (see benchmarks/torch_launches.py)."""
     problems = []
     by_public = {public: (op, cs) for op, (public, cs) in cases.KERNEL_CASES.items()}
     MIN_BYTES.clear()
+    torch_ops = TorchLaunches()
+    from rectok_fast.kernels import _launch
+    from rectok_fast.ops import registry
+    _launch.ticket_counter(torch.device("cpu"))     # allocated once per device and stream, not per call
+    host_checked, registry.HOST_CHECKED_DEVICES = registry.HOST_CHECKED_DEVICES, ()   # CUDA's input checks
     with _Capture(workdir) as cap:
         for public, fused in _triton_ops():
             if public not in by_public:
@@ -136,14 +143,17 @@ def capture_triton(workdir: str, fast: bool) -> tuple[list[dict], list[str]]:
                 case = make("cpu")
                 MIN_BYTES[(public, name)] = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd}
                 try:
-                    cap.context = dict(op=public, case=name, phase="fwd")
-                    outs = case.call(fused)
-                    cap.context = dict(op=public, case=name, phase="bwd")
+                    cap.context = torch_ops.context = dict(op=public, case=name, phase="fwd")
+                    with torch_ops.mode:
+                        outs = case.call(fused)
+                    cap.context = torch_ops.context = dict(op=public, case=name, phase="bwd")
                     outs, seeds = case.outputs_with_seeds(outs)
-                    torch.autograd.grad(outs, case.grad_inputs, seeds)
+                    with torch_ops.mode:
+                        torch.autograd.grad(outs, case.grad_inputs, seeds)
                 except Exception as exc:       # report every op, even when one of them breaks
                     problems.append(f"{public} {name} ({cap.context['phase']}): {type(exc).__name__}: {exc}")
-    return cap.launches, problems
+    registry.HOST_CHECKED_DEVICES = host_checked
+    return cap.launches, torch_ops.ops, problems
 
 
 def check_declared(launches: list[dict]) -> list[str]:
@@ -283,9 +293,15 @@ def _row(*, source, op, case, phase, kernel, grid, threads, regs, smem, spills, 
                 inflight_bytes_per_thread=st.inflight_bytes_per_thread, arg_bytes=arg_bytes, **ll, **(extra or {}))
 
 
+def _has_device_asserts(cubin: str) -> bool:
+    """Whether the kernel can raise a device-side assert (it links the assert handler)."""
+    with open(cubin, "rb") as f:
+        return b"__assertfail" in f.read()
+
+
 def analyse(fast: bool, workdir: str) -> dict:
     t0 = time.time()
-    launches, problems = capture_triton(workdir, fast)
+    launches, torch_ops, problems = capture_triton(workdir, fast)
     unchecked = check_declared(launches)
     if not fast:                   # fast mode skips the D = 768 cases: their declared configs are unseen
         problems += unchecked
@@ -306,7 +322,8 @@ def analyse(fast: bool, workdir: str) -> dict:
                          smem=max(res["shared"], ln["shared"]), spills=st.spill_insns + res["local"], st=st,
                          arg_bytes=ln["arg_bytes"],
                          extra=dict(num_warps=ln["num_warps"], num_stages=ln["num_stages"],
-                                    constexprs=ln["constexprs"], compile_s=round(ln["compile_s"], 2))))
+                                    constexprs=ln["constexprs"], compile_s=round(ln["compile_s"], 2),
+                                    device_asserts=_has_device_asserts(ln["cubin"]))))
     t_triton = time.time() - t0
 
     kernels, cuda_problems = compile_cuda(workdir)
@@ -337,18 +354,25 @@ def analyse(fast: bool, workdir: str) -> dict:
                 fast=fast, device_model=sass.H200, sm90_limits=sass.SM90, goal_shapes=dict(B=cases.B, N=cases.N),
                 torch=torch.__version__, triton=__import__("triton").__version__, cuda_plan_source=plan_source,
                 seconds=dict(triton=round(t_triton, 1), total=round(time.time() - t0, 1)),
-                launches=rows, per_op=per_op(rows), other_cuda_instances=others, problems=problems)
+                launches=rows, torch_ops=torch_ops, per_op=per_op(rows, torch_ops), other_cuda_instances=others,
+                problems=problems)
 
 
-def per_op(rows: list[dict]) -> list[dict]:
+def per_op(rows: list[dict], torch_ops: list[dict] = ()) -> list[dict]:
     """Per op, case and phase: predicted time = sum over its launches of (launch cost + bytes / (Little's-law
-    fraction x copy bandwidth)); predicted fraction of copy = the op's minimal bytes at copy bandwidth / that."""
+    fraction x copy bandwidth)), plus, for each other aten op the phase runs (a torch kernel launch, e.g.
+    a sum of partials), launch cost + its bytes at copy bandwidth; predicted fraction of copy = the op's
+    minimal bytes at copy bandwidth / that."""
     copy = sass.H200["copy_bytes_per_s"]
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["op"], r["case"], r["phase"]), []).append(r)
+    extra: dict = {}
+    for o in torch_ops:
+        extra.setdefault((o["op"], o["case"], o["phase"]), []).append(o)
     out = []
     for (op, case, phase), rs in groups.items():
+        others = extra.get((op, case, phase), [])
         if any(r["arg_bytes"] is None for r in rs):
             continue
         need = MIN_BYTES.get((op, case), {}).get(phase)
@@ -358,9 +382,14 @@ def per_op(rows: list[dict]) -> list[dict]:
             # when it gathers rows through ids, so it moves min(all arguments, the op's minimal bytes)
             moved = [min(moved[0], need)]
         t = sum(LAUNCH_S + b / (max(r["predicted_fraction_of_copy"], 1e-3) * copy) for r, b in zip(rs, moved))
+        t += sum(LAUNCH_S + o["bytes"] / copy for o in others)
         worst = max(zip(rs, moved), key=lambda rb: rb[1] / max(rb[0]["predicted_fraction_of_copy"], 1e-3))[0]
-        out.append(dict(op=op, case=case, phase=phase, launches=len(rs), bytes_moved=sum(moved),
+        n_launch = len(rs) + len(others)
+        out.append(dict(op=op, case=case, phase=phase, launches=n_launch,
+                        torch_launches=[o["aten"] for o in others], bytes_moved=sum(moved),
                         min_bytes=need, predicted_us=t * 1e6,
+                        # the best this many launches can do: every byte at copy bandwidth, launch costs kept
+                        launch_ceiling=None if need is None else need / copy / (need / copy + n_launch * LAUNCH_S),
                         ideal_us=None if need is None else need / copy * 1e6,
                         predicted_fraction_of_copy=None if need is None else need / copy / t,
                         slowest_launch=worst["kernel"]))
@@ -402,18 +431,25 @@ def render(rep: dict) -> str:
             f"{'' if r['arg_bytes'] is None else format(r['arg_bytes'] / 1e6, '.1f')} |")
     lines += ["", "## Per op: predicted time at the goal shapes", "",
               f"Sum over the op's launches of {LAUNCH_S * 1e6:.0f} us (launch, ramp, drain: an estimate) + bytes / "
-              "(Little's-law fraction x copy). Bytes per launch: the launch plan's figure for CUDA; for a Triton "
+              "(Little's-law fraction x copy), plus the same launch cost + bytes at copy for every other torch op "
+              "the phase runs (`torch ops`: a GPU kernel launch each, found by running the launchers under a "
+              "dispatch mode). Bytes per launch: the launch plan's figure for CUDA; for a Triton "
               "phase done by one launch, min(all its tensor arguments once, the op's minimal bytes) (a gather "
               "through ids reads only the picked rows). `% copy` = the op's minimal bytes (benchmarks/cases.py) "
               "at copy bandwidth over the predicted time: the figure the GPU suite measures.", "",
-              "| op | case | phase | launches | MB moved | min MB | ideal us | predicted us | predicted % copy | slowest launch |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "`ceiling` = the same with every launch at 100 % of copy: what this many launches allow at best.", "",
+              "| op | case | phase | launches | torch ops | MB moved | min MB | ideal us | predicted us | "
+              "predicted % copy | ceiling | slowest launch |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for o in rep["per_op"]:
         frac = "" if o["predicted_fraction_of_copy"] is None else f"{o['predicted_fraction_of_copy']:.0%}"
         ideal = "" if o["ideal_us"] is None else f"{o['ideal_us']:.1f}"
         mn = "" if o["min_bytes"] is None else f"{o['min_bytes'] / 1e6:.1f}"
-        lines.append(f"| {o['op']} | {o['case']} | {o['phase']} | {o['launches']} | {o['bytes_moved'] / 1e6:.1f} | "
+        tops = ", ".join(f"`{a}`" for a in o.get("torch_launches", [])) or "-"
+        lines.append(f"| {o['op']} | {o['case']} | {o['phase']} | {o['launches']} | {tops} | "
+                     f"{o['bytes_moved'] / 1e6:.1f} | "
                      f"{mn} | {ideal} | {o['predicted_us']:.1f} | {frac} | "
+                     f"{'' if o['launch_ceiling'] is None else format(o['launch_ceiling'], '.0%')} | "
                      f"`{re.sub(r'^rectok::cuda::', '', o['slowest_launch'])}` |")
     if rep["other_cuda_instances"]:
         lines += ["", "Other compiled CUDA instances (not launched at the goal shapes: fp32 paths, unaligned fallbacks):", "",
@@ -434,6 +470,15 @@ def render(rep: dict) -> str:
     lines.append(f"- op phases predicted below 80 % with launch costs (per-op table): {len(slow_ops)} of "
                  f"{len(rep['per_op'])}" + ("" if not slow_ops else ": " + ", ".join(
                      f"{o['op']} {o['case']} {o['phase']} {o['predicted_fraction_of_copy']:.1%}" for o in slow_ops)))
+    bound = [o for o in slow_ops if o["launch_ceiling"] < 0.8]
+    one_launch_mb = 0.8 / 0.2 * LAUNCH_S * rep["device_model"]["copy_bytes_per_s"] / 1e6
+    lines.append(f"- of those, launch-bound (ceiling < 80 %: no kernel design with this many launches reaches 80 % "
+                 f"under this model; one launch needs >= {one_launch_mb:.1f} MB): {len(bound)}"
+                 + ("" if not bound else ": " + ", ".join(
+                     f"{o['op']} {o['case']} {o['phase']} ({o['min_bytes'] / 1e6:.1f} MB: ideal {o['ideal_us']:.1f} us "
+                     f"+ {o['launches']} x {LAUNCH_S * 1e6:.0f} us = "
+                     f"{o['ideal_us'] + o['launches'] * LAUNCH_S * 1e6:.1f} us, ceiling {o['launch_ceiling']:.1%})"
+                     for o in bound)))
     for p in rep["problems"]:
         lines.append(f"- PROBLEM: {p}")
     return "\n".join(lines) + "\n"

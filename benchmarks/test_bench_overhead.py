@@ -8,6 +8,8 @@ makes ``CALLS`` calls through the public entry point the models use (rectok_fast
 "fused"), timed on the host clock; without and with autograd (inputs that require grad, so the
 autograd node is built too). Baselines in the same group: ``torch.add`` on the same tensors and the
 eager reference. benchmarks/summarize.py prints each op's time as a multiple of torch.add's.
+On a shared CPU machine, ``OMP_NUM_THREADS=1 ... --benchmark-timer time.thread_time`` times the calling
+thread's CPU time, which other jobs' time slices do not inflate (the calls are single-threaded anyway).
 On CUDA the launches are asynchronous and the kernels finish long before the host's next call, so
 this is the host's dispatch time there too; no synchronisation is timed.
 """
@@ -66,7 +68,8 @@ def test_call_overhead(benchmark, bench_device, op, impl, grad):
         call = lambda: torch.add(x, y)  # noqa: E731
         backend = "reference"
     else:
-        call = lambda: getattr(ops, op)(*args)  # noqa: E731
+        fn = getattr(ops, op)      # bound once: the timed call is the op call itself, as for torch.add
+        call = lambda: fn(*args)  # noqa: E731
         backend = "fused" if impl == "fused" else "reference"
 
     def many():

@@ -17,11 +17,16 @@
 // in the shape and dtype of its input. Reductions run in a shape-determined order: deterministic.
 #include <torch/extension.h>
 
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include <cmath>
-#include <initializer_list>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -425,10 +430,14 @@ std::tuple<at::Tensor, at::Tensor> gated_bwd_meta(const at::Tensor& dout, const 
 }
 
 // ----------------------------------------------------------------------------------------------
-// Autograd
+// Autograd: hand-written graph nodes (as PyTorch's generated VariableType code builds them), not
+// torch::autograd::Function: Function::apply pays for a context object, an IValue map, output
+// wrapping with view / dirty / non-differentiable bookkeeping and a second copy of the saved
+// tensors -- several microseconds per call, more than the op itself on small tensors.
 // ----------------------------------------------------------------------------------------------
 
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using AdalnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -443,82 +452,201 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// Looked up once (function-local statics: the schemas are registered when the library loads).
+const c10::TypedOperatorHandle<AdalnFwdSig>& adaln_fwd_op() {
+  static const auto h = op_handle<AdalnFwdSig>("rectok_fast::adaln_modulate_fwd");
+  return h;
+}
+const c10::TypedOperatorHandle<AdalnBwdSig>& adaln_bwd_op() {
+  static const auto h = op_handle<AdalnBwdSig>("rectok_fast::adaln_modulate_bwd");
+  return h;
+}
+const c10::TypedOperatorHandle<GatedFwdSig>& gated_fwd_op() {
+  static const auto h = op_handle<GatedFwdSig>("rectok_fast::gated_residual_fwd");
+  return h;
+}
+const c10::TypedOperatorHandle<GatedBwdSig>& gated_bwd_op() {
+  static const auto h = op_handle<GatedBwdSig>("rectok_fast::gated_residual_bwd");
+  return h;
+}
+
 // A gradient that is grad_out itself (per-token dshift, gated dx), in the input's dtype.
 at::Tensor passthrough(const at::Tensor& g, at::ScalarType dtype) { return g.scalar_type() == dtype ? g : g.to(dtype); }
 
-class AdalnFunction : public torch::autograd::Function<AdalnFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& shift, const at::Tensor& scale, double eps) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static const auto fwd = op_handle<AdalnFwdSig>("rectok_fast::adaln_modulate_fwd");
-    auto [out, rstd] = fwd.call(x, weight, shift, scale, eps);
-    // shift is saved for its shape and dtype only (usually a view of the adaLN output scale keeps alive).
-    ctx->save_for_backward({x, weight, shift, scale, rstd});
-    ctx->mark_non_differentiable({rstd});
-    return {out, rstd};
+// Next edges: x, weight, shift, scale (eps is not a tensor).
+struct AdalnBackward : public Node {
+  SavedVariable x_, weight_, scale_, rstd_;
+  // shift's values are never read by the backward (dshift is grad_out itself per token, its column sum
+  // per sample): only its shape and dtype are kept, not the tensor (one SavedVariable less per call).
+  std::vector<c10::SymInt> shift_sizes_;
+  at::ScalarType shift_dtype_ = at::kFloat;
+  std::string name() const override { return "AdalnModulateBackward"; }
+  void release_variables() override {
+    x_.reset_data();
+    weight_.reset_data();
+    scale_.reset_data();
+    rstd_.reset_data();
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd = op_handle<AdalnBwdSig>("rectok_fast::adaln_modulate_bwd");
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &shift = saved[2], &scale = saved[3], &rstd = saved[4];
-    auto [dx, dweight, dshift, dscale] = bwd.call(grads[0], x, weight, shift, scale, rstd);
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(4);
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;  // the output was not used: no gradient flows
+    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), scale = scale_.unpack(), rstd = rstd_.unpack();
+    // A stand-in with shift's shape and dtype (one element, expanded): the backward op reads its metadata only.
+    const at::Tensor shift = at::empty({1}, x.options().dtype(shift_dtype_)).expand_symint(shift_sizes_);
+    auto [dx, dweight, dshift, dscale] = adaln_bwd_op().call(g, x, weight, shift, scale, rstd);
     const bool shift_tok = shift.dim() == 3 && shift.sym_size(1) == x.sym_size(1);
-    if (shift_tok) dshift = passthrough(grads[0], shift.scalar_type());
-    return {dx, dweight, dshift, dscale, at::Tensor()};
+    if (shift_tok) dshift = passthrough(g, shift_dtype_);
+    out[0] = std::move(dx), out[1] = std::move(dweight), out[2] = std::move(dshift), out[3] = std::move(dscale);
+    return out;
   }
 };
 
-class GatedFunction : public torch::autograd::Function<GatedFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static const auto fwd = op_handle<GatedFwdSig>("rectok_fast::gated_residual_fwd");
-    at::Tensor out = fwd.call(x, gate, y);
-    ctx->save_for_backward({gate, y});
-    ctx->saved_data["x_dtype"] = x.scalar_type();
-    return {out};
+// Next edges: x, gate, y.
+struct GatedBackward : public Node {
+  SavedVariable gate_, y_;
+  at::ScalarType x_dtype_ = at::kFloat;
+  std::string name() const override { return "GatedResidualBackward"; }
+  void release_variables() override {
+    gate_.reset_data();
+    y_.reset_data();
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd = op_handle<GatedBwdSig>("rectok_fast::gated_residual_bwd");
-    const auto saved = ctx->get_saved_variables();
-    auto [dgate, dy] = bwd.call(grads[0], saved[0], saved[1]);
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(3);
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;
     // d out / d x is the identity: the incoming gradient is dx (out has x's dtype).
-    at::Tensor dx = passthrough(grads[0], ctx->saved_data["x_dtype"].toScalarType());
-    return {dx, dgate, dy};
+    if (task_should_compute_output(0)) out[0] = passthrough(g, x_dtype_);
+    if (task_should_compute_output(1) || task_should_compute_output(2)) {
+      auto [dgate, dy] = gated_bwd_op().call(g, gate_.unpack(), y_.unpack());
+      out[1] = std::move(dgate), out[2] = std::move(dy);
+    }
+    return out;
   }
 };
 
-// Without anything to differentiate, skip the autograd Function (its node and saved tensors): the
-// inference / no-grad call costs one redispatch.
-bool needs_grad(std::initializer_list<const at::Tensor*> ts) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const at::Tensor* t : ts)
-    if (t->requires_grad()) return true;
-  return false;
+template <typename... Ts>
+bool needs_grad(const Ts&... ts) {
+  return at::GradMode::is_enabled() && (... || ts.requires_grad());
 }
 
 std::tuple<at::Tensor, at::Tensor> adaln_fwd_autograd(const at::Tensor& x, const at::Tensor& weight,
                                                       const at::Tensor& shift, const at::Tensor& scale, double eps) {
-  if (!needs_grad({&x, &weight, &shift, &scale})) {
+  std::tuple<at::Tensor, at::Tensor> r;
+  {
     at::AutoDispatchBelowADInplaceOrView below;
-    static const auto fwd = op_handle<AdalnFwdSig>("rectok_fast::adaln_modulate_fwd");
-    return fwd.call(x, weight, shift, scale, eps);
+    r = adaln_fwd_op().call(x, weight, shift, scale, eps);
   }
-  auto r = AdalnFunction::apply(x, weight, shift, scale, eps);
-  return {r[0], r[1]};
+  // Without anything to differentiate there is no node and nothing saved: the inference / no-grad
+  // call costs one redispatch.
+  if (!needs_grad(x, weight, shift, scale)) return r;
+  auto node = c10::make_intrusive<AdalnBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, weight, shift, scale));
+  node->x_ = SavedVariable(x, false);
+  node->weight_ = SavedVariable(weight, false);
+  node->shift_sizes_ = shift.sym_sizes().vec();
+  node->shift_dtype_ = shift.scalar_type();
+  node->scale_ = SavedVariable(scale, false);
+  node->rstd_ = SavedVariable(std::get<1>(r), false);  // an output without history: no reference cycle
+  torch::autograd::set_history(std::get<0>(r), node);   // rstd stays non-differentiable
+  return r;
 }
 
 at::Tensor gated_fwd_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
-  if (!needs_grad({&x, &gate, &y})) {
+  at::Tensor out;
+  {
     at::AutoDispatchBelowADInplaceOrView below;
-    static const auto fwd = op_handle<GatedFwdSig>("rectok_fast::gated_residual_fwd");
-    return fwd.call(x, gate, y);
+    out = gated_fwd_op().call(x, gate, y);
   }
-  return GatedFunction::apply(x, gate, y)[0];
+  if (!needs_grad(x, gate, y)) return out;
+  auto node = c10::make_intrusive<GatedBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, gate, y));
+  // gate and y are saved only when their gradients are wanted (dx alone is grad_out itself).
+  if (node->should_compute_output(1) || node->should_compute_output(2)) {
+    node->gate_ = SavedVariable(gate, false);
+    node->y_ = SavedVariable(y, false);
+  }
+  node->x_dtype_ = x.scalar_type();
+  torch::autograd::set_history(out, node);
+  return out;
 }
+
+// ----------------------------------------------------------------------------------------------
+// Eager entry points for Python (rectok_fast.ops): one C call into the dispatcher, without the
+// torch.ops layer (OpOverload.__call__, the schema-driven argument parsing into an IValue stack and
+// the boxed call). They take only the case the dispatcher would handle identically: plain tensors
+// (torch.Tensor or nn.Parameter, no __torch_function__ subclass), no active TorchFunctionMode, x of
+// a dtype and device the kernels take. Anything else returns None and the caller goes through
+// torch.ops (which handles subclasses and modes, and raises the usual errors). Dispatch-level
+// machinery (autograd, autocast, TorchDispatchModes, functorch) still applies: the call is a
+// dispatcher call.
+// ----------------------------------------------------------------------------------------------
+
+bool eager_tensors(PyObject* const* args, Py_ssize_t n) {
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (!THPVariable_CheckExact(args[i])) return false;
+  return !at::impl::torch_function_mode_enabled();
+}
+
+// The GIL is released around the call (so other Python threads run meanwhile) unless x is a small CPU
+// tensor: releasing and re-taking it costs about as much as the whole op on a few thousand elements.
+constexpr int64_t kKeepGilNumel = int64_t(1) << 14;
+
+bool release_gil(const at::Tensor& x) { return !x.is_cpu() || x.numel() >= kKeepGilNumel; }
+
+bool eager_x(const at::Tensor& x) {
+  if (!supported_dtype(x.scalar_type())) return false;
+#ifdef RECTOK_FAST_WITH_CUDA
+  return x.is_cpu() || x.is_cuda();
+#else
+  return x.is_cpu();
+#endif
+}
+
+PyObject* adaln_modulate_eager(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  // (x, weight, shift, scale, eps): eps a Python float or int
+  if (nargs != 5 || !eager_tensors(args, 4) || !(PyFloat_Check(args[4]) || PyLong_Check(args[4]))) Py_RETURN_NONE;
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  if (!eager_x(x)) Py_RETURN_NONE;
+  const double eps = PyFloat_AsDouble(args[4]);
+  if (eps == -1.0 && PyErr_Occurred()) return nullptr;
+  at::Tensor out;
+  {
+    std::optional<pybind11::gil_scoped_release> no_gil;
+    if (release_gil(x)) no_gil.emplace();
+    out = std::get<0>(adaln_fwd_op().call(x, THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
+                                          THPVariable_Unpack(args[3]), eps));
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* gated_residual_eager(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 3 || !eager_tensors(args, 3)) Py_RETURN_NONE;
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  if (!eager_x(x)) Py_RETURN_NONE;
+  at::Tensor out;
+  {
+    std::optional<pybind11::gil_scoped_release> no_gil;
+    if (release_gil(x)) no_gil.emplace();
+    out = gated_fwd_op().call(x, THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]));
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef eager_methods[] = {
+    {"adaln_modulate_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&adaln_modulate_eager)),
+     METH_FASTCALL,
+     "adaln_modulate_eager(x, weight, shift, scale, eps) -> Tensor | None: the eager fast path of "
+     "rectok_fast.ops.adaln_modulate (None: not handled here, call torch.ops.rectok_fast.adaln_modulate_fwd)"},
+    {"gated_residual_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&gated_residual_eager)),
+     METH_FASTCALL,
+     "gated_residual_eager(x, gate, y) -> Tensor | None: the eager fast path of rectok_fast.ops.gated_residual "
+     "(None: not handled here, call torch.ops.rectok_fast.gated_residual_fwd)"},
+    {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
@@ -630,4 +758,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_poison_outputs", &rectok::set_poison_outputs,
         "test hook: allocate every output and scratch buffer pre-filled with NaN");
   m.def("poison_outputs", &rectok::poison_outputs);
+  TORCH_CHECK(PyModule_AddFunctions(m.ptr(), rectok::eager_methods) == 0, "rectok_fast._C: cannot add the eager entries");
 }

@@ -7,14 +7,21 @@
 // identical for any thread count.
 #include "adaln_cpu.h"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define RECTOK_CPU_STREAM 1
+#endif
 
 namespace rectok {
 
@@ -27,6 +34,9 @@ void set_poison_outputs(bool on) { g_poison.store(on); }
 
 at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (poison_outputs()) return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  // CPU: allocate directly (as TensorIterator does for torch.add's output), not through a dispatcher call.
+  if (options.device().is_cpu())
+    return at::detail::empty_cpu(sizes, options.dtype().toScalarType(), /*pin_memory=*/false, std::nullopt);
   return at::empty(sizes, options);
 }
 
@@ -141,11 +151,89 @@ RECTOK_CPU_CLONES void gated_bwd_row(const float* __restrict__ of, const float* 
   }
 }
 
+// Outputs at least this large are written with non-temporal (streaming) stores when everything is
+// fp32: a normal store first reads the destination line (write-allocate), so a streamed output costs
+// one pass over memory instead of two, and it does not evict the inputs from the caches. Smaller
+// outputs are stored normally: the next op reads them from cache.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
+#ifdef RECTOK_CPU_STREAM
+inline bool aligned16(const float* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+// A per-token modulation is a strided view (rows of D inside (B, N, 6D) adaLN rows): each of its rows
+// is a separate short stream that the hardware prefetchers pick up late. Measured on this project's
+// CPU (Zen 5), prefetching the next row's modulation while the current row streams cut the per-token
+// gated residual's time about 2.5x. One row ahead covers the memory latency many times over.
+inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+
+// o = x + g * y (a multiply, then an add: the reference's two roundings), o streamed; g_next: the next
+// row's gate to prefetch (nullptr: none, e.g. a per-sample gate, which stays in cache).
+void gated_fwd_row_stream(const float* __restrict__ x, const float* __restrict__ g, const float* __restrict__ y,
+                          int64_t D, float* __restrict__ o, const float* g_next) {
+  int64_t d = 0;
+  for (; d < D && !aligned16(o + d); ++d) o[d] = x[d] + g[d] * y[d];
+  const int64_t d0 = d;
+  for (; d + 8 <= D; d += 8) {
+    if (g_next != nullptr && ((d - d0) & 15) == 0) prefetch(g_next + d);  // one per 64-byte line
+    const __m128 a = _mm_add_ps(_mm_loadu_ps(x + d), _mm_mul_ps(_mm_loadu_ps(g + d), _mm_loadu_ps(y + d)));
+    const __m128 b = _mm_add_ps(_mm_loadu_ps(x + d + 4), _mm_mul_ps(_mm_loadu_ps(g + d + 4), _mm_loadu_ps(y + d + 4)));
+    _mm_stream_ps(o + d, a);
+    _mm_stream_ps(o + d + 4, b);
+  }
+  for (; d < D; ++d) o[d] = x[d] + g[d] * y[d];
+}
+
+// dy = g * dout, streamed; per token dg = dout * y streamed too, per sample accumulated into acc.
+template <bool TOKEN>
+void gated_bwd_row_stream(const float* __restrict__ dout, const float* __restrict__ y, const float* __restrict__ g,
+                          int64_t D, float* __restrict__ dg, float* __restrict__ dy, const float* g_next) {
+  int64_t d = 0;
+  auto scalar = [&](int64_t i) {
+    const float t = dout[i] * y[i];
+    if (TOKEN) dg[i] = t;
+    else dg[i] += t;
+    dy[i] = g[i] * dout[i];
+  };
+  // dy and a per-token dg come from tensors of the same shape and alignment: one peel serves both.
+  for (; d < D && !aligned16(dy + d); ++d) scalar(d);
+  const bool dg_aligned = !TOKEN || aligned16(dg + d);
+  const int64_t d0 = d;
+  for (; d + 4 <= D; d += 4) {
+    if (g_next != nullptr && ((d - d0) & 15) == 0) prefetch(g_next + d);
+    const __m128 o = _mm_loadu_ps(dout + d);
+    const __m128 t = _mm_mul_ps(o, _mm_loadu_ps(y + d));
+    if (TOKEN) {
+      if (dg_aligned) _mm_stream_ps(dg + d, t);
+      else _mm_storeu_ps(dg + d, t);
+    } else {
+      _mm_storeu_ps(dg + d, _mm_add_ps(_mm_loadu_ps(dg + d), t));
+    }
+    _mm_stream_ps(dy + d, _mm_mul_ps(_mm_loadu_ps(g + d), o));
+  }
+  for (; d < D; ++d) scalar(d);
+}
+#endif
+
 // dx = rstd * (g - xhat * mean(g * xhat))
 RECTOK_CPU_CLONES void adaln_dx_row(const float* __restrict__ g, const float* __restrict__ xh, float r, float m, int64_t D,
                          float* __restrict__ o) {
   for (int64_t d = 0; d < D; ++d) o[d] = r * (g[d] - xh[d] * m);
 }
+
+// Staging rows of one parallel chunk: on the stack for small rows (no heap allocation per call on
+// small tensors), else on the heap.
+class RowBuffer {
+ public:
+  explicit RowBuffer(int64_t n) {
+    if (n > kStack) heap_.resize(size_t(n));
+  }
+  float* data() { return heap_.empty() ? stack_ : heap_.data(); }
+
+ private:
+  static constexpr int64_t kStack = 512;
+  float stack_[kStack];
+  std::vector<float> heap_;
+};
 
 int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)); }
 
@@ -159,7 +247,7 @@ void cpu_adaln_fwd(const at::Tensor& x, const float* w, const ModView& sh, const
   const M* shp = static_cast<const M*>(sh.ptr);
   const M* scp = static_cast<const M*>(sc.ptr);
   at::parallel_for(0, B * N, row_grain(D), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(4 * D);
+    RowBuffer buf(4 * D);
     float *xb = buf.data(), *shb = xb + D, *scb = shb + D, *ob = scb + D;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / N, n = row - b * N;
@@ -222,7 +310,7 @@ void cpu_adaln_bwd(const at::Tensor& dy, const at::Tensor& x, const float* w, co
   float* scpp = scale_tok ? nullptr : scpart.data_ptr<float>();
 
   at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(7 * D);
+    RowBuffer buf(7 * D);
     float *xb = buf.data(), *gb = xb + D, *scb = gb + D, *xh = scb + D, *g = xh + D, *dsc = g + D, *tb = dsc + D;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunks, c = task - b * nchunks;
@@ -263,8 +351,11 @@ void cpu_gated_fwd(const at::Tensor& x, const ModView& gate, const at::Tensor& y
   const Y* yp = y.data_ptr<Y>();
   const M* gp = static_cast<const M*>(gate.ptr);
   T* op = out.data_ptr<T>();
+  constexpr bool all_f32 = std::is_same_v<T, float> && std::is_same_v<Y, float> && std::is_same_v<M, float>;
+  [[maybe_unused]] const bool stream = all_f32 && int64_t(out.nbytes()) >= kStreamBytes;
   at::parallel_for(0, B * N, row_grain(D), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(4 * D);
+    // staging rows for bf16 (fp32 rows are read in place); on the stack for small D
+    RowBuffer buf(4 * D);
     float *xb = buf.data(), *yb = xb + D, *gb = yb + D, *ob = gb + D;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / N, n = row - b * N;
@@ -272,9 +363,21 @@ void cpu_gated_fwd(const at::Tensor& x, const ModView& gate, const at::Tensor& y
       const float* yf = as_float<Y>(yp + row * D, D, yb);
       const float* gf = as_float<M>(gp + b * gate.sb + n * gate.sn, D, gb);
       float* o = std::is_same<T, float>::value ? reinterpret_cast<float*>(op + row * D) : ob;
+#ifdef RECTOK_CPU_STREAM
+      if (stream) {
+        const float* g_next = (gate.per_token && row + 1 < end)
+                                  ? reinterpret_cast<const float*>(gp + (row + 1) / N * gate.sb + (row + 1) % N * gate.sn)
+                                  : nullptr;
+        gated_fwd_row_stream(xf, gf, yf, D, o, g_next);
+        continue;
+      }
+#endif
       gated_fwd_row(xf, gf, yf, D, o);
       if (!std::is_same<T, float>::value) store_row<T>(op + row * D, ob, D);
     }
+#ifdef RECTOK_CPU_STREAM
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before the join
+#endif
   });
 }
 
@@ -291,8 +394,10 @@ void cpu_gated_bwd(const at::Tensor& dout, const ModView& gate, const at::Tensor
   Y* dyp = dy.data_ptr<Y>();
   M* dgp = tok ? dgate.data_ptr<M>() : nullptr;
   float* gpp = tok ? nullptr : gpart.data_ptr<float>();
+  constexpr bool all_f32 = std::is_same_v<T, float> && std::is_same_v<Y, float> && std::is_same_v<M, float>;
+  [[maybe_unused]] const bool stream = all_f32 && int64_t(dy.nbytes()) >= kStreamBytes;
   at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(5 * D);
+    RowBuffer buf(5 * D);
     float *ob = buf.data(), *yb = ob + D, *gb = yb + D, *t = gb + D, *u = t + D;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunks, c = task - b * nchunks;
@@ -300,6 +405,24 @@ void cpu_gated_bwd(const at::Tensor& dout, const ModView& gate, const at::Tensor
       float* acc = tok ? nullptr : gpp + task * D;
       if (acc) std::fill(acc, acc + D, 0.f);
       const float* gf = tok ? nullptr : as_float<M>(gp + b * gate.sb, D, gb);
+#ifdef RECTOK_CPU_STREAM
+      if (stream) {  // fp32: read in place, dy (and a per-token dgate) streamed
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t row = b * N + n;
+          const float* of = reinterpret_cast<const float*>(op + row * D);
+          const float* yf = reinterpret_cast<const float*>(yp + row * D);
+          float* dyo = reinterpret_cast<float*>(dyp + row * D);
+          if (tok) {
+            gf = reinterpret_cast<const float*>(gp + b * gate.sb + n * gate.sn);
+            const float* g_next = n + 1 < n1 ? gf + gate.sn : nullptr;
+            gated_bwd_row_stream<true>(of, yf, gf, D, reinterpret_cast<float*>(dgp + row * D), dyo, g_next);
+          } else {
+            gated_bwd_row_stream<false>(of, yf, gf, D, acc, dyo, nullptr);
+          }
+        }
+        continue;
+      }
+#endif
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t row = b * N + n;
         const float* of = as_float<T>(op + row * D, D, ob);
@@ -315,6 +438,9 @@ void cpu_gated_bwd(const at::Tensor& dout, const ModView& gate, const at::Tensor
         else if (!direct) store_row<M>(dgp + row * D, t, D);
       }
     }
+#ifdef RECTOK_CPU_STREAM
+    if (stream) _mm_sfence();
+#endif
   });
   if (!tok) sum_partials_any(gpart, B, nchunks, D, dgate);
 }

@@ -65,6 +65,7 @@ constexpr int64_t kMaxIters = 64;  // rows per group at most
 // Finish kernel (second pass of the column sums): kFinishCols columns x kFinishSlices sample slices.
 constexpr int kFinishCols = 32;
 constexpr int kFinishSlices = 32;
+constexpr int kFinishBatch = 8;  // partial rows of each buffer a finish thread requests before adding them
 
 enum class Kernel : int { AdalnFwd = 0, AdalnBwd = 1, GatedFwd = 2, GatedBwdToken = 3, GatedBwdSample = 4 };
 

@@ -173,7 +173,7 @@ __device__ __forceinline__ void store_as(void* p, int64_t i, float v, bool as_bf
 // Block: kFinishCols columns x kFinishSlices slices; slice t takes samples t, t + slices, ... and the
 // slices are added in slice order: the result depends on the shape only.
 template <typename M>
-__global__ void __launch_bounds__(launch::kFinishCols* launch::kFinishSlices)
+__global__ void __launch_bounds__(launch::kFinishCols* launch::kFinishSlices, 1)
 finish_kernel(const float* __restrict__ pw, const float* __restrict__ ps, int64_t nch, int64_t B, int D,
               const M* __restrict__ scale, int64_t sc_sb, const float* __restrict__ w, void* dweight,
               bool dweight_bf16, void* ds1, bool ds1_bf16, void* ds0, bool ds0_bf16) {
@@ -184,22 +184,39 @@ finish_kernel(const float* __restrict__ pw, const float* __restrict__ ps, int64_
   if (d < D) {
     const float wd = ds1 != nullptr ? w[d] : 0.f;
     for (int64_t b = ty; b < B; b += launch::kFinishSlices) {
-      if (pw != nullptr) {
-        const float* p = pw + b * nch * D + d;
-        float s1 = 0.f;
-#pragma unroll 4
-        for (int64_t c = 0; c < nch; ++c) s1 += p[c * D];
-        const float coef = scale != nullptr ? 1.f + to_float<M>(scale[b * sc_sb + d]) : 1.f;
+      // kFinishBatch partial rows of both buffers are requested before any is added (the blocks are few,
+      // so each thread must keep several loads in flight). The row index is clamped to the last row, so
+      // every load is unconditional and valid; a row past the end is loaded again but never added. A
+      // missing buffer reads the other one (never added either). The adds run in index order c = 0, 1,
+      // ..., exactly the order of a plain loop, so the sums are bitwise those of one.
+      const float* p1 = pw != nullptr ? pw + b * nch * D + d : nullptr;
+      const float* p0 = ps != nullptr ? ps + b * nch * D + d : nullptr;
+      const float* q1 = p1 != nullptr ? p1 : p0;
+      const float* q0 = p0 != nullptr ? p0 : p1;
+      const float coef = (p1 != nullptr && scale != nullptr) ? 1.f + to_float<M>(scale[b * sc_sb + d]) : 1.f;
+      const int last = int(nch) - 1;  // nch * D < 2^31: the rows of one sample, offsets fit an int
+      float s1 = 0.f, s0 = 0.f;
+      for (int c0 = 0; c0 <= last; c0 += launch::kFinishBatch) {
+        float v1[launch::kFinishBatch], v0[launch::kFinishBatch];
+#pragma unroll
+        for (int i = 0; i < launch::kFinishBatch; ++i) {
+          const int c = c0 + i < last ? c0 + i : last;
+          v1[i] = q1[c * D];
+          v0[i] = q0[c * D];
+        }
+#pragma unroll
+        for (int i = 0; i < launch::kFinishBatch; ++i) {
+          if (c0 + i <= last) {
+            s1 += v1[i];
+            s0 += v0[i];
+          }
+        }
+      }
+      if (p1 != nullptr) {
         acc += coef * s1;
         if (ds1 != nullptr) store_as(ds1, b * D + d, wd * s1, ds1_bf16);
       }
-      if (ps != nullptr) {
-        const float* p = ps + b * nch * D + d;
-        float s0 = 0.f;
-#pragma unroll 4
-        for (int64_t c = 0; c < nch; ++c) s0 += p[c * D];
-        store_as(ds0, b * D + d, s0, ds0_bf16);
-      }
+      if (p0 != nullptr) store_as(ds0, b * D + d, s0, ds0_bf16);
     }
   }
   if (dweight == nullptr) return;  // uniform over the block

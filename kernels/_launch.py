@@ -80,6 +80,31 @@ def check_tensor(op: str, name: str, t, *, dim: int | None = None, dtypes=FLOAT_
         raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
 
 
+_TICKETS: dict = {}
+
+
+def ticket_counter(device: torch.device, traced: bool = False) -> torch.Tensor:
+    """A zero int32 counter for a kernel that finishes its reduction in its last program (see
+    ``cosine_distill._cos_fwd_kernel``): each program adds 1 after writing its partial, the one that
+    draws the last ticket sums all partials in a fixed order and sets the counter back to 0.
+
+    Eager launches share one counter per device and stream, allocated once: the kernel leaves it at 0,
+    so no per-call zero-fill launch is needed (also across CUDA-graph replays). Launches on one stream
+    run in order, so they never share a counter concurrently. Traced launches (inside a triton_op) get a
+    fresh zeroed counter per call: a hidden buffer must not leak into the graph."""
+    if traced:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = ("cuda", index, torch.cuda.current_stream(index).stream_id)
+    else:
+        key = (device.type, device.index, 0)
+    counter = _TICKETS.get(key)
+    if counter is None:
+        counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
 FLOAT_SCALAR_ARGS = ("inv_rows", "gamma")
 
 

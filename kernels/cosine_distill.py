@@ -11,13 +11,19 @@ BEFORE its output projection (models/tokenizer.py), so pred already holds only t
 the kernel reads the target rows through ids in place: no copy of either tensor, and dL/dpred is
 dense (no zero rows for unpicked tokens, no zero-fill, no pick counts).
 
-Forward: each program takes BLOCK_R rows, streams them along D in BLOCK_D chunks accumulating |p|^2,
-|f|^2 and <p, f> in fp32, writes three per-row scalars (1/max(|p|,eps), 1/max(|f|,eps), and the
-projection coefficient) and one partial loss sum, already divided by the row count; the partials are
-summed afterwards in a fixed order (deterministic). Rows are addressed with the (B, N) strides of the
-inputs, so a token slice of a bigger tensor (e.g. the teacher output minus its CLS/register tokens)
-is read in place; only the channel dim must have stride 1. An out-of-range id never touches memory:
-its row makes the loss and its gradient NaN (the wrappers check ids first, see registry.check_ids_range).
+Forward: each program takes BLOCK_R rows, loads them along D (in one BLOCK_D chunk at every goal
+shape: straight-line code, no loop; longer rows are streamed in chunks) accumulating |p|^2, |f|^2 and
+<p, f> in fp32, writes three per-row scalars (1/max(|p|,eps), 1/max(|f|,eps), and the projection
+coefficient) and one partial loss sum, already divided by the row count. The program that draws the
+last ticket of a counter (_launch.ticket_counter) adds all partials in a fixed order and writes the
+loss: one launch per forward, deterministic (the order depends on the shape only). Rows are addressed
+with the (B, N) strides of the inputs, so a token slice of a bigger tensor (e.g. the teacher output
+minus its CLS/register tokens) is read in place; only the channel dim must have stride 1. An
+out-of-range id never touches memory: its row makes the loss and its gradient NaN. The range check
+itself: on the host for CPU tensors (registry.check_ids_range); for CUDA tensors inside the forward
+kernel (a device-side assert in eager launches, compiled in with Triton's debug option: ids are read
+there anyway, so the check costs no launch of its own, where registry.check_ids_range's device branch
+would add five).
 
 Backward (exact gradient of the reference, F.normalize's clamp included), with g = dL / R and
 p_hat = p / max(|p|, eps), f_hat likewise::
@@ -40,13 +46,17 @@ import torch
 import triton
 import triton.language as tl
 
-from rectok_fast.kernels._launch import (alloc, check_tensor, define_op, kernel, needs_bf16_rounding, num_warps_for,
-                                        signature, store_cast, use_custom_op)
+from rectok_fast.kernels._launch import (alloc, check_tensor, define_op, interpreted, kernel, needs_bf16_rounding,
+                                        num_warps_for, signature, store_cast, ticket_counter, use_custom_op)
+from rectok_fast.ops import registry
 from rectok_fast.ops.registry import COSINE_EPS, check_cosine_distill_loss, check_ids_range
 
 _OP = "cosine_distill_loss"
 MAX_BLOCK_D = 4096          # longer rows are streamed in chunks (tests lower it to cover that path)
-TILE = 4096                 # elements per program and chunk (BLOCK_R * BLOCK_D)
+TILE = 4096                 # backward: elements per program and chunk (BLOCK_R * BLOCK_D)
+FWD_TILE = 8192             # forward: twice the rows per program (8 warps, the same work per thread), so half
+                            # the partials for the last program to add (<= 8 per thread at the goal shapes)
+SUM_BLOCK_MAX = 4096        # partials the last program loads at once (tests lower it to cover the loop)
 
 
 @triton.jit
@@ -64,26 +74,41 @@ def _rows(r, M, N, ids_ptr, s_ib, s_im, rmask, HAS_IDS: tl.constexpr):
 
 
 @triton.jit
-def _cos_fwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, part_ptr, R, M, N, D, inv_rows,
+def _cos_fwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, part_ptr, cnt_ptr, loss_ptr, R, M, N, D, inv_rows,
                     s_pb, s_pm, s_fb, s_fn, s_ib, s_im,
-                    EPS: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                    EPS: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ONE_CHUNK: tl.constexpr, SUM_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < R
     b, m, n, valid = _rows(r, M, N, ids_ptr, s_ib, s_im, rmask, HAS_IDS)
+    if HAS_IDS:     # compiled only with debug=True (eager CUDA launches, see cosine_fwd)
+        tl.device_assert(valid | (r >= R), "cosine_distill_loss: ids out of range: every id must lie in [0, N)")
     p_row = (b * s_pb + m * s_pm)[:, None]
     f_row = (b * s_fb + n * s_fn)[:, None]
-    pp = tl.zeros([BLOCK_R], dtype=tl.float32)
-    ff = tl.zeros([BLOCK_R], dtype=tl.float32)
-    pf = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k in range(0, D, BLOCK_D):
-        cols = k + tl.arange(0, BLOCK_D)
+    if ONE_CHUNK:
+        # D <= BLOCK_D (every goal shape): straight-line code, no chunk loop, so no load batch waits behind
+        # the block-wide reduction of the previous one (ptxas interleaves the loads with the multiply-adds;
+        # the 5-6 programs resident per SM keep enough bytes in flight between them).
+        cols = tl.arange(0, BLOCK_D)
         msk = valid[:, None] & (cols < D)[None, :]
         p = tl.load(p_ptr + p_row + cols[None, :], mask=msk, other=0.0).to(tl.float32)
         f = tl.load(f_ptr + f_row + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        pp += tl.sum(p * p, axis=1)
-        ff += tl.sum(f * f, axis=1)
-        pf += tl.sum(p * f, axis=1)
+        pp = tl.sum(p * p, axis=1)
+        ff = tl.sum(f * f, axis=1)
+        pf = tl.sum(p * f, axis=1)
+    else:
+        pp = tl.zeros([BLOCK_R], dtype=tl.float32)
+        ff = tl.zeros([BLOCK_R], dtype=tl.float32)
+        pf = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k in range(0, D, BLOCK_D):
+            cols = k + tl.arange(0, BLOCK_D)
+            msk = valid[:, None] & (cols < D)[None, :]
+            p = tl.load(p_ptr + p_row + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+            f = tl.load(f_ptr + f_row + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+            pp += tl.sum(p * p, axis=1)
+            ff += tl.sum(f * f, axis=1)
+            pf += tl.sum(p * f, axis=1)
     p_norm = tl.sqrt_rn(pp)                       # IEEE-rounded: once per row, costs nothing
     one = tl.full([BLOCK_R], 1.0, tl.float32)
     rp = tl.div_rn(one, tl.maximum(p_norm, EPS))
@@ -95,6 +120,20 @@ def _cos_fwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, part_ptr, R, M, N, D, inv_
     tl.store(stats_ptr + 2 * R + r, tl.where(valid, tl.where(p_norm > EPS, cos, 0.0), bad), mask=rmask)
     term = tl.where(valid, 1.0 - cos, bad)
     tl.store(part_ptr + pid, tl.sum(tl.where(rmask, term, 0.0), axis=0) * inv_rows)
+    # The loss: the program that draws the last ticket adds every partial (no second launch). The
+    # barrier orders this program's partial store before its ticket; the acq_rel ticket publishes it
+    # to, and the last program's ticket acquires all of them. Fixed order (SUM_BLOCK lanes, then one
+    # tree): the loss depends on the shape only, never on which program finishes last.
+    tl.debug_barrier()
+    nprog = tl.num_programs(0)
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if ticket == nprog - 1:
+        acc = tl.zeros([SUM_BLOCK], dtype=tl.float32)
+        for k in range(0, nprog, SUM_BLOCK):
+            idx = k + tl.arange(0, SUM_BLOCK)
+            acc += tl.load(part_ptr + idx, mask=idx < nprog, other=0.0, cache_modifier=".cg")
+        tl.store(loss_ptr, tl.sum(acc, axis=0))
+        tl.atomic_xchg(cnt_ptr, 0)            # back to zero for the next launch on this stream
 
 
 @triton.jit
@@ -122,10 +161,16 @@ def _cos_bwd_kernel(p_ptr, f_ptr, ids_ptr, stats_ptr, gl_ptr, gp_ptr, R, M, N, D
         store_cast(gp_ptr + o_row + cols[None, :], a_f * f + a_p * p, rmask[:, None] & cm, ROUND)
 
 
-def _settings(D: int, rows: int):
+def _settings(D: int, rows: int, tile: int | None = None):
     block_d = min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_D)
-    block_r = min(max(1, TILE // block_d), triton.next_power_of_2(max(rows, 1)))
+    block_r = min(max(1, (tile or TILE) // block_d), triton.next_power_of_2(max(rows, 1)))
     return block_r, block_d, num_warps_for(block_r * block_d)
+
+
+def _sum_block(nprog: int) -> int:
+    """Lanes of the last program's sum of the partials: all of them in one load up to 4096 (one L2 round
+    trip at every goal shape), 4096 at a time beyond."""
+    return min(triton.next_power_of_2(max(nprog, 1)), SUM_BLOCK_MAX)
 
 
 def production_configs() -> list[dict]:
@@ -136,15 +181,17 @@ def production_configs() -> list[dict]:
     for D in (1024, 768):
         for M in (N, int(0.4 * N)):
             rows = B * M
-            block_r, block_d, warps = _settings(D, rows)
-            grid = (triton.cdiv(rows, block_r),)
             has_ids = M != N
             shape = dict(B=B, N=N, M=M, D=D, dtype="bf16")
-            ptrs = dict(p_ptr="*bf16", f_ptr="*bf16", gp_ptr="*bf16", ids_ptr="*i64")
-            for fn, consts in ((_cos_fwd_kernel, dict(EPS=COSINE_EPS, HAS_IDS=has_ids, BLOCK_R=block_r,
-                                                      BLOCK_D=block_d)),
-                               (_cos_bwd_kernel, dict(HAS_IDS=has_ids, BLOCK_R=block_r, BLOCK_D=block_d,
-                                                      ROUND=False))):
+            ptrs = dict(p_ptr="*bf16", f_ptr="*bf16", gp_ptr="*bf16", ids_ptr="*i64", cnt_ptr="*i32")
+            fr, fd, fw = _settings(D, rows, FWD_TILE)
+            fgrid = (triton.cdiv(rows, fr),)
+            br, bd, bw = _settings(D, rows)
+            for fn, grid, warps, consts in (
+                    (_cos_fwd_kernel, fgrid, fw, dict(EPS=COSINE_EPS, HAS_IDS=has_ids, BLOCK_R=fr, BLOCK_D=fd,
+                                                      ONE_CHUNK=fd >= D, SUM_BLOCK=_sum_block(fgrid[0]))),
+                    (_cos_bwd_kernel, (triton.cdiv(rows, br),), bw, dict(HAS_IDS=has_ids, BLOCK_R=br, BLOCK_D=bd,
+                                                                          ROUND=False))):
                 out.append(dict(kernel=fn.__name__, fn=fn, shape=shape, grid=grid, num_warps=warps,
                                 constexprs=consts, signature=signature(fn, consts, ptrs)))
     return out
@@ -156,23 +203,31 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- launchers
 def cosine_fwd(pred: torch.Tensor, target: torch.Tensor, ids: Optional[torch.Tensor], traced: bool = False):
-    """Returns (loss fp32 scalar, stats (3, B*M) fp32: 1/|p|, 1/|f|, projection coefficient)."""
+    """Returns (loss fp32 scalar, stats (3, B*M) fp32: 1/|p|, 1/|f|, projection coefficient); one launch."""
     pred, target = _inner_contiguous(pred), _inner_contiguous(target)
     B, M, D = pred.shape
     N = target.shape[1]
     dev = pred.device
     R = B * M
     stats = alloc((3, R), torch.float32, dev)
-    block_r, block_d, warps = _settings(D, R)
+    block_r, block_d, warps = _settings(D, R, FWD_TILE)
     nprog = triton.cdiv(R, block_r)
     part = alloc((nprog,), torch.float32, dev)
+    loss = alloc((), torch.float32, dev)
     ids_arg = ids if ids is not None else part
     s_ib, s_im = (ids.stride(0), ids.stride(1)) if ids is not None else (0, 0)
+    # ids the host did not check (CUDA): the kernel asserts their range. debug=True compiles Triton's
+    # device asserts in and nothing else here (no overflow checks: sanitize_overflow=False). Not inside a
+    # traced op (torch.compile skips the range check altogether: out-of-range rows give a NaN loss) nor
+    # in the interpreter (CPU ids are checked on the host).
+    checks = dict(debug=True, sanitize_overflow=False) if (ids is not None and not traced and not interpreted()
+                                                              and dev.type not in registry.HOST_CHECKED_DEVICES) else {}
     kernel(_cos_fwd_kernel, traced)[(nprog,)](
-        pred, target, ids_arg, stats, part, R, M, N, D, 1.0 / R,
+        pred, target, ids_arg, stats, part, ticket_counter(dev, traced), loss, R, M, N, D, 1.0 / R,
         pred.stride(0), pred.stride(1), target.stride(0), target.stride(1), s_ib, s_im,
-        EPS=COSINE_EPS, HAS_IDS=ids is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
-    return part.sum(), stats
+        EPS=COSINE_EPS, HAS_IDS=ids is not None, BLOCK_R=block_r, BLOCK_D=block_d, ONE_CHUNK=block_d >= D,
+        SUM_BLOCK=_sum_block(nprog), num_warps=warps, **checks)
+    return loss, stats
 
 
 def cosine_bwd(pred, target, ids: Optional[torch.Tensor], stats, g_loss, traced: bool = False):
@@ -218,11 +273,12 @@ def _setup(ctx, inputs, output):
     pred, target, ids = inputs
     ctx.save_for_backward(pred, target, ids, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)     # the stats output's gradient is never used: no zero-fill launch
 
 
 def _grads(ctx, g_loss, bwd):
     pred, target, ids, stats = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or g_loss is None:
         return None, None, None
     return bwd(pred, target, ids, stats, g_loss), None, None
 
@@ -257,7 +313,11 @@ def cosine_distill_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Ten
     if ids is not None:
         if ids.shape[1] == 0:
             return (pred.float() * 0.0).sum()      # the reference's zero loss, still connected to pred
-        check_ids_range(ids, target.shape[1])
+        if ids.device.type in registry.HOST_CHECKED_DEVICES or use_custom_op():
+            # CPU: the host check. CUDA: the forward kernel asserts the range in eager launches; the
+            # custom op (no assert in traced kernels) keeps the registry's device-side check, which
+            # torch.compile skips
+            check_ids_range(ids, target.shape[1])
     if pred.numel() == 0:
         raise ValueError(f"{_OP}: pred {tuple(pred.shape)} is empty; the mean over no rows is undefined")
     if use_custom_op():

@@ -12,9 +12,11 @@ The random numbers are inputs, so the RNG stream is the caller's and stays repro
 (:func:`posterior_flow_philox` draws them in-kernel instead, behind a flag: a different stream).
 
 Forward: each program takes a (BLOCK_L x BLOCK_C) tile of one sample, reads mean, logvar, both
-eps tiles, writes z and z_tau and one KL partial sum; the partials (B, tiles per sample) are summed
-afterwards in a fixed order (deterministic, no atomics). Backward: reads the moments, eps_post and
-the three output gradients and writes the moments gradient (plus eps gradients when asked for):
+eps tiles, writes z and z_tau and one KL partial sum; the program that draws the last ticket of a
+counter (_launch.ticket_counter) adds each sample's partials in a fixed order (deterministic; the one
+atomic is the ticket, never the sum) and writes kl, so the forward is one launch. Backward: reads the
+moments, eps_post and the three output gradients and writes the moments gradient (plus eps gradients
+when asked for):
 
     g      = g_z + (1 - tau) * g_z_tau
     d mean = g + g_kl[b] * mean
@@ -37,7 +39,7 @@ import triton
 import triton.language as tl
 
 from rectok_fast.kernels._launch import (alloc, check_tensor, define_op, kernel, needs_bf16_rounding, num_warps_for,
-                                        signature, store_cast, use_custom_op)
+                                        signature, store_cast, ticket_counter, use_custom_op)
 from rectok_fast.ops.registry import LOGVAR_MAX, LOGVAR_MIN, check_posterior_flow_noise
 
 _OP = "posterior_flow_noise"
@@ -60,9 +62,9 @@ def _tile(pid, L, C, nlb, ncb, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _post_fwd_kernel(m_ptr, e1_ptr, e2_ptr, tau_ptr, z_ptr, zt_ptr, klp_ptr, L, C, gamma, nlb, ncb, seed, n_total,
-                     LO: tl.constexpr, HI: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-                     PHILOX: tl.constexpr):
+def _post_fwd_kernel(m_ptr, e1_ptr, e2_ptr, tau_ptr, z_ptr, zt_ptr, klp_ptr, cnt_ptr, kl_ptr, L, C, gamma, nlb, ncb,
+                     seed, n_total, LO: tl.constexpr, HI: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+                     PHILOX: tl.constexpr, KL_B: tl.constexpr, KL_P: tl.constexpr, KL_ONE_PASS: tl.constexpr):
     pid = tl.program_id(0)
     b, mask, m_off, e_off = _tile(pid, L, C, nlb, ncb, BLOCK_L, BLOCK_C)
     tau = tl.load(tau_ptr + b)
@@ -83,6 +85,31 @@ def _post_fwd_kernel(m_ptr, e1_ptr, e2_ptr, tau_ptr, z_ptr, zt_ptr, klp_ptr, L, 
     tl.store(zt_ptr + e_off, zt, mask=mask)
     term = tl.where(mask, mean * mean + var - 1.0 - lv, 0.0)
     tl.store(klp_ptr + pid, 0.5 * tl.sum(tl.sum(term, axis=1), axis=0))
+    # kl[b]: the program that draws the last ticket adds each sample's partials (no second launch); see
+    # cosine_distill._cos_fwd_kernel for the ordering argument. Fixed order: deterministic.
+    tl.debug_barrier()
+    per_b = nlb * ncb
+    nprog = tl.num_programs(0)
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if ticket == nprog - 1:
+        nb = nprog // per_b
+        if KL_ONE_PASS:     # B <= KL_B and per_b <= KL_P (the goal shape): one tile, no loop
+            bs = tl.arange(0, KL_B)
+            j = tl.arange(0, KL_P)
+            msk = (bs < nb)[:, None] & (j < per_b)[None, :]
+            parts = tl.load(klp_ptr + bs[:, None] * per_b + j[None, :], mask=msk, other=0.0, cache_modifier=".cg")
+            tl.store(kl_ptr + bs, tl.sum(parts, axis=1), mask=bs < nb)
+        else:
+            for b0 in range(0, nb, KL_B):
+                bs = b0 + tl.arange(0, KL_B)
+                acc = tl.zeros([KL_B, KL_P], dtype=tl.float32)
+                for j0 in range(0, per_b, KL_P):
+                    j = j0 + tl.arange(0, KL_P)
+                    msk = (bs < nb)[:, None] & (j < per_b)[None, :]
+                    acc += tl.load(klp_ptr + bs[:, None] * per_b + j[None, :], mask=msk, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(kl_ptr + bs, tl.sum(acc, axis=1), mask=bs < nb)
+        tl.atomic_xchg(cnt_ptr, 0)            # back to zero for the next launch on this stream
 
 
 @triton.jit
@@ -138,6 +165,17 @@ def _grid(B, L, C):
     return block_l, block_c, warps, nlb, ncb
 
 
+KL_TILE = 2048        # partials the last forward program adds per pass (KL_B samples x KL_P partials)
+
+
+def _kl_blocks(B: int, per_b: int) -> tuple[int, int, bool]:
+    """(KL_B, KL_P, one pass): samples and partials per sample in each pass of the last program's KL sum,
+    and whether one pass covers them all (the goal shape: 64 x 16)."""
+    kl_p = min(triton.next_power_of_2(max(per_b, 1)), KL_TILE)
+    kl_b = max(1, min(triton.next_power_of_2(max(B, 1)), KL_TILE // kl_p))
+    return kl_b, kl_p, B <= kl_b and per_b <= kl_p
+
+
 def _empty0(device):
     return torch.empty(0, dtype=torch.float32, device=device)
 
@@ -149,9 +187,11 @@ def production_configs() -> list[dict]:
     block_l, block_c, warps, nlb, ncb = _grid(B, L, C)
     shape = dict(B=B, L=L, C=C, moments_dtype="bf16", eps_dtype="fp32")
     grid = (B * nlb * ncb,)
-    ptrs = dict(m_ptr="*bf16", gm_ptr="*bf16")
-    fwd = dict(LO=LOGVAR_MIN, HI=LOGVAR_MAX, BLOCK_L=block_l, BLOCK_C=block_c, PHILOX=False)
-    bwd = dict(fwd, NEED_M=True, NEED_E1=False, NEED_E2=False, HAS_GZ=False, HAS_GZT=True, HAS_GKL=True, ROUND=False)
+    ptrs = dict(m_ptr="*bf16", gm_ptr="*bf16", cnt_ptr="*i32")
+    kl_b, kl_p, one = _kl_blocks(B, nlb * ncb)
+    base = dict(LO=LOGVAR_MIN, HI=LOGVAR_MAX, BLOCK_L=block_l, BLOCK_C=block_c, PHILOX=False)
+    fwd = dict(base, KL_B=kl_b, KL_P=kl_p, KL_ONE_PASS=one)
+    bwd = dict(base, NEED_M=True, NEED_E1=False, NEED_E2=False, HAS_GZ=False, HAS_GZT=True, HAS_GKL=True, ROUND=False)
     return [dict(kernel=fn.__name__, fn=fn, shape=shape, grid=grid, num_warps=warps, constexprs=c,
                  signature=signature(fn, c, ptrs)) for fn, c in ((_post_fwd_kernel, fwd), (_post_bwd_kernel, bwd))]
 
@@ -171,11 +211,14 @@ def posterior_fwd(moments, eps_post, eps_flow, tau, gamma: float, traced: bool =
         return z, zt, torch.zeros(B, dtype=torch.float32, device=dev)
     block_l, block_c, warps, nlb, ncb = _grid(B, L, C)
     partial = alloc((B, nlb * ncb), torch.float32, dev)
+    kl = alloc((B,), torch.float32, dev)
+    kl_b, kl_p, one = _kl_blocks(B, nlb * ncb)
     kernel(_post_fwd_kernel, traced)[(B * nlb * ncb,)](
-        moments, eps_post, eps_flow, tau, z, zt, partial, L, C, float(gamma), nlb, ncb,
-        seed if seed is not None else 0, B * L * C,
-        LO=LOGVAR_MIN, HI=LOGVAR_MAX, BLOCK_L=block_l, BLOCK_C=block_c, PHILOX=seed is not None, num_warps=warps)
-    return z, zt, partial.sum(dim=1)
+        moments, eps_post, eps_flow, tau, z, zt, partial, ticket_counter(dev, traced), kl, L, C, float(gamma),
+        nlb, ncb, seed if seed is not None else 0, B * L * C,
+        LO=LOGVAR_MIN, HI=LOGVAR_MAX, BLOCK_L=block_l, BLOCK_C=block_c, PHILOX=seed is not None,
+        KL_B=kl_b, KL_P=kl_p, KL_ONE_PASS=one, num_warps=warps)
+    return z, zt, kl
 
 
 def posterior_bwd(moments, eps_post, tau, g_z: Optional[torch.Tensor], g_zt: Optional[torch.Tensor],

@@ -151,6 +151,21 @@ def test_gated_residual_matches_reference(shape, kind, dtype):
         _check(f"gated[{kind}] {name}", f, r, r64)
 
 
+@pytest.mark.parametrize("kind", ["token", "chunk2d", "misaligned", "expand_token"])
+def test_gated_residual_large_fp32_streaming_path(kind):
+    """fp32 outputs of at least 4 MiB take the CPU path's streaming-store loops (csrc/adaln_cpu.cpp,
+    kStreamBytes; per-token gates prefetched a row ahead). Odd D: rows start off 16-byte alignment, so the
+    alignment peel and the tail run too."""
+    B, N, D = 2, 520, 1031
+    assert B * N * D * 4 >= 4 << 20
+    x, y, _, base, dy = _inputs(B, N, D, torch.float32, kind, seed=5)
+    fused = _run_gated(_fused_gated, x, y, base, dy, kind)
+    ref = _run_gated(reference.gated_residual, x, y, base, dy, kind)
+    ref64 = _run_gated(_gated64, x, y, base, dy, kind, dtype=torch.float64)
+    for name, f, r, r64 in zip(GATED_NAMES, fused, ref, ref64):
+        _check(f"large gated[{kind}] {name}", f, r, r64)
+
+
 def test_per_sample_rows_are_distinct():
     """Guard of the tests themselves: batch rows differ, so a wrong batch index cannot pass."""
     x, _, w, base, _ = _inputs(3, 7, 37, torch.float32, "chunk2d")

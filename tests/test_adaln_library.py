@@ -175,3 +175,52 @@ def test_cuda_launch_config_is_consistent(kernel):
             assert gy == 1 and gx * cfg["row_groups_per_block"] >= 64 * 256
     with pytest.raises(ValueError, match="is larger than the CUDA kernels support"):
         adaln_ext.cuda_launch_config(10 ** 6, torch.float32, "adaln_bwd")
+
+
+def test_eager_fast_path_defers_what_it_does_not_take():
+    """rectok_fast.ops calls the extension's C entries (adaln_ext.*_eager) directly in eager mode; they take
+    plain tensors only and return None otherwise, so subclasses, TorchFunctionModes and unsupported dtypes
+    still go through torch.ops (and the backend's fallback / errors)."""
+    from torch.overrides import TorchFunctionMode
+
+    from rectok_fast import ops
+
+    B, N, D = 2, 3, 8
+    x, y = _x(B, N, D, torch.float32), _x(B, N, D, torch.float32, seed=1)
+    _, (shift, scale, gate) = _mods(B, N, D, torch.float32, per_token=False)
+    w = torch.ones(D, device=DEVICE)
+    out = adaln_ext.gated_residual_eager(x, gate, y)
+    torch.testing.assert_close(out, reference.gated_residual(x, gate, y))
+    torch.testing.assert_close(adaln_ext.adaln_modulate_eager(x, w, shift, scale, 1e-6),
+                               reference.adaln_modulate(x, w, shift, scale, 1e-6), rtol=1e-5, atol=1e-5)
+    assert adaln_ext.gated_residual_eager(x.double(), gate.double(), y.double()) is None
+
+    class Sub(torch.Tensor):
+        pass
+    assert adaln_ext.gated_residual_eager(x.as_subclass(Sub), gate, y) is None
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with ops.use_backend("fused"):
+        ops.gated_residual(x, gate, y)            # installs the fast path
+        with Record() as rec:
+            assert adaln_ext.gated_residual_eager(x, gate, y) is None
+            ops.gated_residual(x, gate, y)
+            ops.adaln_modulate(x, w, shift, scale)
+        names = {str(f) for f in rec.seen}
+        assert "rectok_fast.gated_residual_fwd.default" in names and "rectok_fast.adaln_modulate_fwd.default" in names
+    # the cached fast path follows the backend switch
+    xg = x.detach().requires_grad_(True)
+    with ops.use_backend("fused"):
+        ops.gated_residual(xg, gate, y)
+        assert ops.gated_residual(xg, gate, y).grad_fn.name() == "GatedResidualBackward"
+        with ops.use_backend("reference"):
+            assert ops.gated_residual(xg, gate, y).grad_fn.name() != "GatedResidualBackward"
+        assert ops.gated_residual(xg, gate, y).grad_fn.name() == "GatedResidualBackward"

@@ -58,19 +58,34 @@ def test_adm_center_crop():
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
-def test_epoch_plan_shards_cover_global_batches(drop_last):
-    n, world, b = 23, 2, 3
-    plan = D.epoch_plan(n, world, b, seed=5, epoch=1, drop_last=drop_last)
-    steps = 23 // 6 if drop_last else 4
-    assert plan.shape == (steps, world, b)
+def test_epoch_plan_micro_batches_do_not_depend_on_world_size(drop_last):
+    """Global batch G = 12 split as 4 ranks x 1, 2 x 2 and 1 x 4 accumulation steps (micro batch 3): micro
+    batch m of optimizer step k is the slice [k*G + m*3, k*G + (m+1)*3) of the epoch permutation in every
+    split (what a resume on another world size relies on); a rank's micro batches are consecutive plan rows."""
+    n, b, G = 23, 3, 12
     order = torch.randperm(n, generator=torch.Generator().manual_seed(6))
-    # global batch k = permutation slice; union over ranks equals it
-    for k in range(min(steps, n // 6)):
-        assert sorted(plan[k].reshape(-1).tolist()) == sorted(order[k * 6:(k + 1) * 6].tolist())
-    # same global batch with 1 rank x 2b (the reference-path equivalence relies on it)
-    single = D.epoch_plan(n, 1, world * b, seed=5, epoch=1, drop_last=drop_last)
-    assert torch.equal(single[:, 0].sort(-1).values, plan.reshape(steps, -1).sort(-1).values)
-    assert not torch.equal(D.epoch_plan(n, world, b, 5, 2), D.epoch_plan(n, world, b, 5, 1))
+    if not drop_last:   # the padded tail wraps around to the start of the permutation
+        order = torch.cat([order, order[: 24 - n]])
+    seen = {}
+    for world, accum in ((4, 1), (2, 2), (1, 4)):
+        plan = D.epoch_plan(n, world, b, seed=5, epoch=1, drop_last=drop_last)
+        micro_steps = n // (world * b) if drop_last else -(-n // (world * b))
+        assert plan.shape == (micro_steps, world, b) == (D.steps_per_epoch(n, world, b, drop_last), world, b)
+        steps = micro_steps // accum
+        assert steps == (1 if drop_last else 2)
+        for r in range(world):
+            resumed = D.rank_plan(n, world, b, 5, 1, r, drop_last=drop_last, start_step=accum)
+            assert torch.equal(resumed, plan[accum:, r])
+        for k in range(steps):
+            for a in range(accum):
+                for r in range(world):
+                    m = D.global_micro_index(a, r, world)
+                    got = plan[k * accum + a, r].tolist()
+                    assert got == order[k * G + m * b:k * G + (m + 1) * b].tolist(), (world, accum, k, a, r)
+                    seen.setdefault((k, m), set()).add(tuple(got))
+    assert sorted(seen) == [(k, m) for k in range(1 if drop_last else 2) for m in range(4)]
+    assert all(len(v) == 1 for v in seen.values())     # the same micro batch m whatever the split
+    assert not torch.equal(D.epoch_plan(n, 2, b, 5, 2), D.epoch_plan(n, 2, b, 5, 1))
 
 
 def test_torch_loader_deterministic_resume_and_flips(folder):

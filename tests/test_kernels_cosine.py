@@ -133,6 +133,21 @@ def test_streamed_rows(device, dtype, monkeypatch):
     _run_case(*_inputs(2, 5, 100, dtype, dev, ids), ids)
 
 
+def test_loss_sum_in_last_program(device, monkeypatch):
+    """The forward's last program adds every partial (here in several SUM_BLOCK passes), writes the loss
+    bitwise the same on a repeat, and leaves the shared ticket counter at zero for the next launch."""
+    from rectok_fast.kernels import _launch
+    dev = kernel_device(device)
+    monkeypatch.setattr(cos_mod, "SUM_BLOCK_MAX", 2)
+    monkeypatch.setattr(cos_mod, "FWD_TILE", 32)      # 2 rows of D = 16 per program: 7 programs for 14 rows
+    pred, target = _inputs(2, 7, 16, torch.float32, dev)
+    _run_case(pred, target, None)
+    first = cos_mod.cosine_fwd(pred.detach(), target, None)[0]
+    again = cos_mod.cosine_fwd(pred.detach(), target, None)[0]
+    assert torch.equal(first, again)
+    assert int(_launch.ticket_counter(first.device)) == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous(device, dtype):
     dev = kernel_device(device)

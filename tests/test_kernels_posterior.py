@@ -122,14 +122,21 @@ def test_non_contiguous(device, dtype):
     _run_case(moments, e1, e2, tau, 0.8)
 
 
-def test_multi_tile_kl_partials(device, monkeypatch):
-    """Several L- and C-tiles per sample: the KL partial sums must all be written and added."""
+@pytest.mark.parametrize("kl_tile", [2048, 4])
+def test_multi_tile_kl_partials(device, monkeypatch, kl_tile):
+    """Several L- and C-tiles per sample: the KL partial sums must all be written and added, by the last
+    program of the forward (kl_tile 4: in several passes over samples and partials); it leaves the
+    shared ticket counter at zero for the next launch."""
+    from rectok_fast.kernels import _launch
     dev = kernel_device(device)
     monkeypatch.setattr(post_mod, "_settings", lambda L, C: (2, 4, 1))
+    monkeypatch.setattr(post_mod, "KL_TILE", kl_tile)
     B, L, C = 2, 7, 9
-    moments = leaf(_moments(B, L, C, torch.float32, dev))
-    e1, e2 = leaf(torch.randn(B, L, C, device=dev)), leaf(torch.randn(B, L, C, device=dev))
-    _run_case(moments, e1, e2, torch.tensor([0.35, 0.85], device=dev), 1.0)
+    for clamp_cases in (True, False):     # without the clamp cases no exp(20) term hides a lost partial
+        moments = leaf(_moments(B, L, C, torch.float32, dev, clamp_cases=clamp_cases))
+        e1, e2 = leaf(torch.randn(B, L, C, device=dev)), leaf(torch.randn(B, L, C, device=dev))
+        _run_case(moments, e1, e2, torch.tensor([0.35, 0.85], device=dev), 1.0)
+        assert int(_launch.ticket_counter(moments.device)) == 0
 
 
 def test_tau_gets_no_gradient(device):

@@ -89,6 +89,34 @@ def test_predictions_are_fractions(report):
     assert "Little's law" in md and "## Per op" in md
 
 
+def test_triton_phases_are_single_launches(report):
+    """Each Triton op phase at the goal shapes is one kernel launch: partial sums finish inside the kernel,
+    autograd materializes no zero gradient, and the masked ids' range check is a device assert compiled
+    into the forward kernel (not torch launches, which the report would list and charge)."""
+    rep, md = report
+    triton_ops = {r["op"] for r in rep["launches"] if r["source"] == "triton"}
+    phases = [o for o in rep["per_op"] if o["op"] in triton_ops]
+    assert phases
+    for o in phases:
+        assert o["torch_launches"] == [] and o["launches"] == 1, o
+    masked = [r for r in rep["launches"] if r["kernel"] == "_cos_fwd_kernel" and "mask" in r["case"]]
+    assert masked and all(r["device_asserts"] for r in masked), masked
+
+
+def test_torch_launch_recorder_counts_kernels_not_views():
+    import torch
+    from torch_launches import TorchLaunches
+    rec = TorchLaunches()
+    x = torch.ones(4, 3)
+    with rec.mode:
+        x.view(12)
+        x.t()
+        torch.empty(5)
+        x.sum()
+        torch.zeros(2)
+    assert [o["aten"] for o in rec.ops] == ["aten.sum.default", "aten.zeros.default"], rec.ops
+
+
 @pytest.mark.parametrize("threads,regs,smem,blocks,limiter", [
     (128, 32, 0, 16, "threads"),           # 2048 threads / 128
     (256, 128, 0, 2, "regs"),              # 65536 / (128 * 256)

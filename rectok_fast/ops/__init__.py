@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rectok_fast.ops import backend, reference, registry
+from rectok_fast.ops import adaln_ext, backend, reference, registry
 from rectok_fast.ops.backend import (BACKENDS, BackendUnavailable, choose, get_backend, set_backend,
                                      use_backend)
 
@@ -70,16 +70,63 @@ def cosine_distill_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Ten
     return _FUSED["cosine_distill_loss"](pred, target, ids)
 
 
+# Eager per-call overhead of the extension's ops (issue 10: at most 1.5x a plain torch op on tiny
+# tensors). The first eager call of an op decides through choose() (which announces the choice under
+# 'auto'); once it picked the extension, later eager calls go straight to the extension's C entry
+# (adaln_ext.*_eager: one C call into the dispatcher), which returns None for inputs it does not take
+# (e.g. float64, where choose() then falls back or raises). Every set_backend / set_capabilities clears
+# the entries, so the next call decides again. torch.compile never reads them: it traces choose() and
+# the OpOverload.
+# Dynamo folds is_dynamo_compiling() to True; eagerly it is one trivial call (is_compiling() is two).
+_is_compiling = torch.compiler.is_dynamo_compiling
+_adaln_eager = None
+_gated_eager = None
+
+
+def _clear_eager() -> None:
+    global _adaln_eager, _gated_eager
+    _adaln_eager = _gated_eager = None
+
+
+backend.on_change(_clear_eager)
+
+
+def _eager_entry(name: str):
+    """The extension's C entry for ``name`` when the installation is what the capabilities say, else None."""
+    caps = backend.capabilities()
+    if caps.ext_error is not None or caps.ext_has_cuda != adaln_ext.HAS_CUDA:
+        return None                    # injected capabilities (tests): keep deciding per call
+    return getattr(adaln_ext, name + "_eager")
+
+
 def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                    eps: float = registry.ADALN_EPS) -> torch.Tensor:
+    global _adaln_eager
+    if not _is_compiling():
+        fast = _adaln_eager
+        if fast is not None:
+            out = fast(x, weight, shift, scale, eps)
+            if out is not None:
+                return out
     if choose("adaln_modulate", x.device, x.dtype) == "reference":
         return reference.adaln_modulate(x, weight, shift, scale, eps)
+    if not _is_compiling():
+        _adaln_eager = _eager_entry("adaln_modulate")
     return _FUSED["adaln_modulate"](x, weight, shift, scale, eps)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    global _gated_eager
+    if not _is_compiling():
+        fast = _gated_eager
+        if fast is not None:
+            out = fast(x, gate, y)
+            if out is not None:
+                return out
     if choose("gated_residual", x.device, x.dtype) == "reference":
         return reference.gated_residual(x, gate, y)
+    if not _is_compiling():
+        _gated_eager = _eager_entry("gated_residual")
     return _FUSED["gated_residual"](x, gate, y)
 
 

@@ -9,7 +9,8 @@ CPU and CUDA kernels, Meta kernels (what torch.compile traces with) and the auto
     torch.ops.rectok_fast.gated_residual_fwd(x, gate, y) -> out
     torch.ops.rectok_fast.gated_residual_bwd(grad_out, gate, y) -> (dgate, dy)
 
-so an eager call runs Python -> dispatcher -> C++ with no Python custom-op layer, and
+so an eager call runs Python -> dispatcher -> C++ with no Python custom-op layer (and, through
+:data:`adaln_modulate_eager` / :data:`gated_residual_eager`, without the torch.ops layer either), and
 ``torch.compile(fullgraph=True)`` traces them. Every input check (shapes, dtypes, devices, eps)
 lives in C++ and raises ValueError / TypeError naming the problem.
 
@@ -23,7 +24,7 @@ import importlib
 
 import torch
 
-__all__ = ["adaln_modulate", "gated_residual", "adaln_modulate_fwd", "adaln_modulate_bwd", "gated_residual_fwd",
+__all__ = ["adaln_modulate", "gated_residual", "adaln_modulate_eager", "gated_residual_eager", "adaln_modulate_fwd", "adaln_modulate_bwd", "gated_residual_fwd",
            "gated_residual_bwd", "LOAD_ERROR", "HAS_CUDA", "load_error", "has_cuda", "extension", "poison_outputs",
            "cuda_launch_config", "cuda_launch_plan", "opcheck_samples", "CUDA_KERNELS"]
 
@@ -76,19 +77,37 @@ def extension():
     return _EXT
 
 
+# Dynamo folds is_dynamo_compiling() to True; eagerly it is one trivial call (is_compiling() is two).
+_is_compiling = torch.compiler.is_dynamo_compiling
+
 if _EXT is not None:
     adaln_modulate_fwd = torch.ops.rectok_fast.adaln_modulate_fwd.default
     adaln_modulate_bwd = torch.ops.rectok_fast.adaln_modulate_bwd.default
     gated_residual_fwd = torch.ops.rectok_fast.gated_residual_fwd.default
     gated_residual_bwd = torch.ops.rectok_fast.gated_residual_bwd.default
+    #: Eager fast paths (C functions of the extension): one C call into the dispatcher, skipping the
+    #: torch.ops layer (OpOverload.__call__, schema-driven argument parsing, the boxed call). They
+    #: return None when they do not take the call (a tensor subclass or a TorchFunctionMode, x of an
+    #: unsupported dtype or device), and the caller goes through the OpOverload, which handles those
+    #: and raises the usual errors. Never called while torch.compile traces: the trace sees the OpOverload.
+    adaln_modulate_eager = _EXT.adaln_modulate_eager
+    gated_residual_eager = _EXT.gated_residual_eager
 
     def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                        eps: float = 1e-6) -> torch.Tensor:
         """Fused ``RMSNorm(x) * weight * (1 + scale) + shift`` (see reference.adaln_modulate)."""
+        if not _is_compiling():
+            out = adaln_modulate_eager(x, weight, shift, scale, eps)
+            if out is not None:
+                return out
         return adaln_modulate_fwd(x, weight, shift, scale, eps)[0]
 
     def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Fused ``x + gate * y`` (see reference.gated_residual)."""
+        if not _is_compiling():
+            out = gated_residual_eager(x, gate, y)
+            if out is not None:
+                return out
         return gated_residual_fwd(x, gate, y)
 else:
     def _unavailable(*_args, **_kwargs):
@@ -96,6 +115,7 @@ else:
 
     adaln_modulate_fwd = adaln_modulate_bwd = gated_residual_fwd = gated_residual_bwd = _unavailable
     adaln_modulate = gated_residual = _unavailable
+    adaln_modulate_eager = gated_residual_eager = None
 
 
 def cuda_launch_config(D: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "adaln_fwd", B: int = 64,

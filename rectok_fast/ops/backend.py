@@ -53,14 +53,26 @@ def _validate(name: str) -> str:
 _backend = _validate(os.environ.get(ENV_VAR, "auto"))
 _announced: set[tuple[str, str]] = set()
 _decided: dict = {}    # eager-call memo: (op, device type, dtype) -> choice; cleared on every change
+_listeners: list = []  # called after every change of backend or capabilities (rectok_fast.ops' eager cache)
+
+
+def on_change(fn) -> None:
+    """Call ``fn()`` after every :func:`set_backend` / :func:`set_capabilities` (caches of decisions)."""
+    _listeners.append(fn)
+
+
+def _changed() -> None:
+    _announced.clear()
+    _decided.clear()
+    for fn in _listeners:
+        fn()
 
 
 def set_backend(name: str) -> None:
     """Select the backend for the whole package: 'auto', 'reference' or 'fused'."""
     global _backend
     _backend = _validate(name)
-    _announced.clear()
-    _decided.clear()
+    _changed()
 
 
 def get_backend() -> str:
@@ -120,8 +132,7 @@ def set_capabilities(caps: Capabilities | None) -> None:
     """Replace the detected capabilities (tests); None re-detects on next use."""
     global _caps
     _caps = caps
-    _announced.clear()
-    _decided.clear()
+    _changed()
 
 
 @contextlib.contextmanager

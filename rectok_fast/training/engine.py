@@ -355,6 +355,13 @@ class DeepSpeedEngine(Engine):
 
     def backward(self, loss):
         # the caller divides the loss by its micro steps (as for PlainEngine): DeepSpeed only counts them
+        if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
+            # what engine.forward does first: ZeRO-3 advances its micro-step counter there (copy the first
+            # micro step's gradient, add the later ones). A module called raw, outside the engine (the
+            # discriminator, see TokenizerStage), never passes through engine.forward, so without this
+            # every micro step's gradient would overwrite the previous one under ZeRO-3 with
+            # --grad_accum > 1. A second call after engine.forward changes nothing.
+            self.engine.optimizer.clear_backward_seen_flag()
         self.engine.backward(loss, scale_wrt_gas=False)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()     # a micro step: DeepSpeed advances its accumulation counter, no update

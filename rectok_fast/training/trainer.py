@@ -2,10 +2,12 @@
 
 Each optimizer step takes ``grad_accum`` micro batches from every data-parallel rank this process feeds
 (one, or R with ``--emulate_ranks R``), hands them to ``stage.train_step`` and sets the LR of the
-fractional epoch. Randomness is counter-based (:func:`rectok_fast.training.stages.seed_step` on (seed,
-step, rank, micro step)): a resumed run draws what the uninterrupted run drew, and one process
-emulating R ranks computes what R DeepSpeed processes compute -- the reference path of the
-data-parallel check. Non-finite gradients skip the update on every rank (the engines compare the
+fractional epoch. Micro batch m of step k holds samples ``[k*G + m*B, k*G + (m+1)*B)`` of the epoch
+order (:mod:`rectok_fast.data.plan`) and its randomness is counter-based on (seed, step, m)
+(:func:`rectok_fast.training.stages.seed_step`), m being the GLOBAL micro-batch index: a resumed run
+draws what the uninterrupted run drew, also on another world size (up to the gradient reduction order),
+and one process emulating R ranks computes what R DeepSpeed processes compute -- the reference path of
+the data-parallel check. Non-finite gradients skip the update on every rank (the engines compare the
 global gradient norm, identical on all ranks) and are counted; ``--max_bad_steps`` in a row stop the run.
 SIGTERM / SIGUSR1 stop every rank after the step in flight, with a complete checkpoint of it
 (:mod:`rectok_fast.training.preemption`); ``--resume`` may run on another number of processes
@@ -55,9 +57,14 @@ def pretrained_summary(stage) -> str:
     return "[rectok_fast] pretrained nets (file loaded, or RANDOM):\n" + "\n".join(lines)
 
 
-def micro_batches(loaders, start: int, total: int, spe: int, accum: int, rank0: int):
+def micro_batches(loaders, start: int, total: int, spe: int, accum: int, rank0: int, data_parallel: int = 1):
     """(step, chunks) for steps start..total-1: ``accum`` consecutive micro batches of each loader per
-    step (a loader's leftover micro batches at the end of an epoch, fewer than ``accum``, are dropped)."""
+    step (a loader's leftover micro batches at the end of an epoch, fewer than ``accum``, are dropped).
+    Data-parallel rank ``rank0 + r`` (of ``data_parallel``) at accumulation step a trains the step's micro
+    batch m = a * data_parallel + rank0 + r (:func:`rectok_fast.data.plan.global_micro_index`): the
+    loaders' plan gives it samples ``[m*B, (m+1)*B)`` of the step's global batch and the stage seeds its
+    draws with m, so what micro batch m computes does not depend on the world size."""
+    from rectok_fast.data.plan import global_micro_index
     step = start
     while step < total:
         epoch = step // spe
@@ -68,7 +75,8 @@ def micro_batches(loaders, start: int, total: int, spe: int, accum: int, rank0: 
             chunks = []
             for micro in range(accum):
                 for r, it in enumerate(iters):
-                    chunks.append(dict(next(it), rank=rank0 + r, micro=micro))
+                    chunks.append(dict(next(it), rank=rank0 + r, micro=micro,
+                                       m=global_micro_index(micro, rank0 + r, data_parallel)))
             yield step, chunks
             step += 1
 
@@ -137,7 +145,7 @@ def run(cfg, hooks: TrainHooks | None = None) -> dict:
     if rank == 0 and os.path.exists(os.path.join(cfg.output_dir, PREEMPTED_MARKER)):
         os.remove(os.path.join(cfg.output_dir, PREEMPTED_MARKER))    # this run continues the preempted one
     try:
-        for step_i, chunks in micro_batches(loaders, start, total, spe, accum, rank * R_emu):
+        for step_i, chunks in micro_batches(loaders, start, total, spe, accum, rank * R_emu, cfg.data_parallel):
             epoch_f = step_i / spe
             lr = lr_at(cfg.schedule, epoch_f)
             stage.set_lr(lr)

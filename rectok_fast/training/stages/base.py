@@ -10,8 +10,9 @@ Interface of a stage (``cfg`` is a :class:`rectok_fast.training.config.RunConfig
     stage.final_images(path)              # collective; rank 0 writes the PNG grid
     stage.export(path, **extra)           # collective; rank 0 writes the official-format .pth
 
-``chunks`` is a list of micro batches ``{"images", "labels", "rank", "micro"}`` (plus ``"moments"``
-from the latent cache): all micro steps (``grad_accum``) of this process's data-parallel rank(s).
+``chunks`` is a list of micro batches ``{"images", "labels", "rank", "micro", "m"}`` (plus ``"moments"``
+from the latent cache): all micro steps (``grad_accum``) of this process's data-parallel rank(s); ``m``
+is the micro batch's global index in the step, the key of its random draws (:func:`seed_step`).
 """
 from __future__ import annotations
 
@@ -29,14 +30,24 @@ from rectok_fast.training.engine import barrier, dist_info, ds_wants_bf16, init_
 RANDOM = "RANDOM"
 
 
-def seed_step(seed: int, step: int, rank: int, micro: int = 0) -> None:
-    """Seed Python/NumPy/torch from (seed, optimizer step, data-parallel rank, micro step): a resumed
-    run, and a single process emulating R ranks, draw what the uninterrupted / R-process run drew."""
-    key = [int(seed) & 0xFFFFFFFF, int(step), int(rank), 0xC0FFEE] + ([int(micro)] if micro else [])
+def seed_step(seed: int, step: int, m: int = 0) -> None:
+    """Seed Python/NumPy/torch from (seed, optimizer step, GLOBAL micro-batch index m of the step; see
+    :mod:`rectok_fast.data.plan`). m, unlike (rank, accumulation step), does not depend on how the global
+    batch is split over processes, so a run resumed on another world size, and one process emulating R
+    ranks, draw what the uninterrupted R-process run drew for the same samples. (The key of m = 0 is the
+    former key of rank 0, micro step 0: single-micro-batch runs draw what they drew before.)"""
+    key = [int(seed) & 0xFFFFFFFF, int(step), int(m), 0xC0FFEE]
     s = np.random.SeedSequence(key).generate_state(2)
     random.seed(int(s[0]))
     np.random.seed(int(s[1]) & 0xFFFFFFFF)
     torch.manual_seed(int(s[0]) << 32 | int(s[1]))
+
+
+def micro_index(chunk: dict, position: int) -> int:
+    """The global micro-batch index of ``chunk``: ``chunk["m"]`` as the trainer sets it, else its position
+    in the step's list (chunks handed in directly by one process: position a*R + r is m for R emulated
+    ranks in the trainer's order)."""
+    return int(chunk.get("m", position))
 
 
 @dataclass

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from rectok_fast.training.stages.base import Stage, StepOutcome, is_finite, seed_step
+from rectok_fast.training.stages.base import Stage, StepOutcome, is_finite, micro_index, seed_step
 
 
 class DiTStage(Stage):
@@ -122,8 +122,8 @@ class DiTStage(Stage):
         from rectok_fast.flow import dit_training_loss
         n = len(chunks)
         total = 0.0
-        for c in chunks:
-            seed_step(self.cfg.seed, step, c["rank"], c.get("micro", 0))
+        for i, c in enumerate(chunks):
+            seed_step(self.cfg.seed, step, micro_index(c, i))
             x1 = self.latents(c)
             y = c["labels"].to(self.device)
             with self.ctx.autocast():

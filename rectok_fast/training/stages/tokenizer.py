@@ -4,12 +4,15 @@ One optimizer step (official train_utils.py order): for each micro batch, genera
 losses -> backward; clip + step (skipped by the engine when the global gradient norm is not finite)
 -> EMA; then the discriminator on the same (detached) reconstructions -> backward per micro batch ->
 clip + step. A non-finite generator norm skips the whole step (no EMA update, no discriminator step).
+Each generator micro batch is seeded from (seed, step, its global micro index m); the discriminator
+micro batches draw nothing (no augmentation, BatchNorm on the micro batch's own statistics), so every
+micro batch computes the same on any world size.
 """
 from __future__ import annotations
 
 import torch
 
-from rectok_fast.training.stages.base import Stage, StepOutcome, is_finite, mean_logs, seed_step
+from rectok_fast.training.stages.base import Stage, StepOutcome, is_finite, mean_logs, micro_index, seed_step
 
 
 def build_perceptual(loss_cfg, weights, note=None):
@@ -97,8 +100,8 @@ class TokenizerStage(Stage):
     def train_step(self, chunks, step, epoch, hooks=None):
         n = len(chunks)
         g_logs, kept = [], []
-        for c in chunks:
-            seed_step(self.cfg.seed, step, c["rank"], c.get("micro", 0))
+        for i, c in enumerate(chunks):
+            seed_step(self.cfg.seed, step, micro_index(c, i))
             images = c["images"].to(self.device, non_blocking=True)
             # the mask-ratio draw (Python random) stays on the host so a compiled forward has no graph break
             len_keep = self.model.encoder.draw_len_keep()
