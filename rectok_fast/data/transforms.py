@@ -109,8 +109,9 @@ def _demo_photos():
 
 
 def demo_sample(index: int, size: int, seed: int, epoch: int):
-    """A random square crop (40-100% of the short side) of bundled photo ``index % n``, through the
-    official center crop to ``size`` (a PIL image)."""
+    """A random square crop (40-100% of the short side) of bundled photo ``index % n``, transposed with
+    probability 1/2, through the official center crop to ``size`` (a PIL image). With the loader's random
+    horizontal flip that gives four orientations of every crop: the demo has few photos to learn from."""
     from PIL import Image
     photos = _demo_photos()
     img = photos[index % len(photos)]
@@ -118,4 +119,7 @@ def demo_sample(index: int, size: int, seed: int, epoch: int):
     h, w = img.shape[:2]
     side = int(min(h, w) * rng.uniform(0.4, 1.0))
     top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    return adm_center_crop(Image.fromarray(img[top:top + side, left:left + side]), size)
+    crop = img[top:top + side, left:left + side]
+    if rng.uniform() < 0.5:
+        crop = np.ascontiguousarray(crop.transpose(1, 0, 2))
+    return adm_center_crop(Image.fromarray(crop), size)
