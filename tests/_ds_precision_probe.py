@@ -75,6 +75,10 @@ def main():
                "master_is_bf16_representable": bool(torch.equal(weight, weight.bfloat16().float()))}
         if rank == 0:
             print("PROBE " + json.dumps(row), flush=True)
+    # leave the process group before the interpreter exits: a gloo worker thread still alive at exit was
+    # seen to abort a rank ("terminate called without an active exception", rc -6) after all its output
+    dcomm.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

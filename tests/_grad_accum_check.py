@@ -85,3 +85,6 @@ if __name__ == "__main__":
     res = {"accumulation": accumulation_diffs(out, cfg), "nonfinite_zero2": nonfinite_skip(out, cfg),
            "nonfinite_zero0": nonfinite_skip(out, {**cfg, "zero_optimization": {"stage": 0}})}
     print(MARK + json.dumps(res), flush=True)
+    # leave the process group before exit (see _ds_precision_probe.py: a gloo thread alive at exit can abort)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
