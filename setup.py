@@ -79,7 +79,7 @@ setup(
     },
     entry_points={"console_scripts": [
         "rectok-sample=rectok_fast.sample:main",
-        "rectok-train=rectok_fast.train:main",
+        "rectok-train=rectok_fast.train:cli",
         "rectok-env-report=rectok_fast.env_report:main",
         "rectok-eval=rectok_fast.evaluate:main",
     ]},

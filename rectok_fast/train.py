@@ -44,5 +44,17 @@ def main(argv=None, hooks=None) -> int:
     return EXIT_PREEMPTED if result.get("preempted") else 0
 
 
+def cli(argv=None, hooks=None) -> int:
+    """The command line (``python rectok_fast/train.py``, ``rectok-train``): :func:`main`, then leave the
+    process group. A gloo worker thread still alive when the interpreter exits can abort a finished rank
+    ("terminate called without an active exception"), which the launcher reports as a failed run. In-process
+    callers of :func:`main` (tests) keep their group."""
+    rc = main(argv, hooks)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return rc
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

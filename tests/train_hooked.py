@@ -7,7 +7,7 @@ right after step N and its checkpoint) or :class:`SigtermAt` (``RECTOK_FAST_TEST
 ``RECTOK_FAST_TEST_SIGTERM_RANK=r``: SIGTERM to rank r in the middle of step N) or :class:`SignalPidAt`
 (``RECTOK_FAST_TEST_SIGNAL_PIDFILE=<file>``, ``RECTOK_FAST_TEST_SIGNAL_AT_STEP=N``,
 ``RECTOK_FAST_TEST_SIGNAL=SIGUSR1``: rank 0 signals the launcher whose pid is in the file) and calls
-``rectok_fast.train.main`` with it. ``RECTOK_FAST_TEST_LOG_SAMPLES=<prefix>``: every rank appends the
+``rectok_fast.train.cli`` with it. ``RECTOK_FAST_TEST_LOG_SAMPLES=<prefix>``: every rank appends the
 dataset indices of each micro batch it trains on, with its global micro index ``m``, to
 ``<prefix>.rank<r>`` (JSON lines).
 """
@@ -101,7 +101,7 @@ def log_samples(prefix: str) -> None:
 
 
 if __name__ == "__main__":
-    from rectok_fast.train import main
+    from rectok_fast.train import cli
     if os.environ.get("RECTOK_FAST_TEST_LOG_SAMPLES"):
         log_samples(os.environ["RECTOK_FAST_TEST_LOG_SAMPLES"])
     kill = os.environ.get("RECTOK_FAST_TEST_KILL_AT_STEP")
@@ -115,4 +115,4 @@ if __name__ == "__main__":
         hooks = SignalPidAt(int(os.environ["RECTOK_FAST_TEST_SIGNAL_AT_STEP"]),
                             os.environ["RECTOK_FAST_TEST_SIGNAL_PIDFILE"],
                             os.environ.get("RECTOK_FAST_TEST_SIGNAL", "SIGUSR1"))
-    sys.exit(main(hooks=hooks))
+    sys.exit(cli(hooks=hooks))
