@@ -24,8 +24,9 @@ import importlib
 
 import torch
 
-__all__ = ["adaln_modulate", "gated_residual", "adaln_modulate_eager", "gated_residual_eager", "adaln_modulate_fwd", "adaln_modulate_bwd", "gated_residual_fwd",
-           "gated_residual_bwd", "LOAD_ERROR", "HAS_CUDA", "load_error", "has_cuda", "extension", "poison_outputs",
+__all__ = ["adaln_modulate", "gated_residual", "adaln_modulate_eager", "gated_residual_eager",
+           "adaln_modulate_fwd", "adaln_modulate_bwd", "gated_residual_fwd", "gated_residual_bwd",
+           "LOAD_ERROR", "HAS_CUDA", "load_error", "has_cuda", "extension", "poison_outputs",
            "cuda_launch_config", "cuda_launch_plan", "opcheck_samples", "CUDA_KERNELS"]
 
 

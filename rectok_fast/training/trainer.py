@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rectok_fast.data.plan import global_micro_index
 from rectok_fast.training.checkpointer import Checkpointer, plan_resume
 from rectok_fast.training.engine import all_reduce_, barrier
 from rectok_fast.training.hooks import TrainHooks
@@ -64,7 +65,6 @@ def micro_batches(loaders, start: int, total: int, spe: int, accum: int, rank0: 
     batch m = a * data_parallel + rank0 + r (:func:`rectok_fast.data.plan.global_micro_index`): the
     loaders' plan gives it samples ``[m*B, (m+1)*B)`` of the step's global batch and the stage seeds its
     draws with m, so what micro batch m computes does not depend on the world size."""
-    from rectok_fast.data.plan import global_micro_index
     step = start
     while step < total:
         epoch = step // spe
